@@ -1,0 +1,95 @@
+"""Every configuration key with its default: the IVT recipe on CUHK-PEDES.
+
+Dataset configs (cuhk.py, icfg.py, rstp.py, demo.py) call `get_config()` here and override only what
+differs. One number lives in one place: the model reads image size, stride and text length from here,
+the loaders resize position embeddings from here, the tokenizer reports the vocabulary size.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- data -------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cuhk_pedes'          # TFDS builder: cuhk_pedes | icfg_pedes | rstpreid
+  c.data.manual_dir = '~/data/CUHK-PEDES'  # the user's copy: reid_raw.json + imgs/
+  c.data.data_dir = ''                # prepared TFDS data; '' = <workdir>/tfds
+  c.data.skip_bad_records = False     # True: skip (and report) bad records instead of failing
+  c.data.synthetic = ml_collections.ConfigDict()  # SynthPEDES generation when manual_dir is absent
+  c.data.synthetic.enabled = False
+  c.data.synthetic.num_ids = 0
+  c.data.synthetic.images_per_id = 0
+  c.data.synthetic.image_size = (0, 0)
+  c.data.synthetic.val_ids = 0
+  c.data.synthetic.test_ids = 0
+  c.data.image_size = (384, 128)      # (H, W) after resize
+  c.data.text_length = 64             # tokens incl. [CLS]/[SEP], padded
+  c.data.tokenizer = 'wordpiece'      # wordpiece (bert-base-uncased vocab.txt) | sentencepiece (trained)
+  c.data.vocab_file = ''              # WordPiece vocab.txt path (required for wordpiece)
+  c.data.sentencepiece_vocab_size = 4000
+  c.data.ids_per_batch = 7            # P identities x K images = samples per step (x3 MLA levels)
+  c.data.images_per_id = 4            # K
+  c.data.worker_count = 4             # Grain worker processes (0 = in-process)
+  c.data.worker_buffer_size = 2
+  c.data.val_fraction_ids = 0.0       # carve val identities from train when the dataset has no val
+  # augmentation (train only), the reference's
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.pad = 10
+  c.data.augment.flip_prob = 0.5
+  c.data.augment.erase_prob = 0.5
+  c.data.bmm_ratio = 0.2              # BMM: drop U{0..floor(ratio*N)} non-CLS tokens per modality
+  c.data.word_level_max_attrs = 0     # 0 = random subset of any size >= 1
+
+  # ---- model ------------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.head = 'ivt'                # ivt | part
+  c.model.width = 768
+  c.model.depth = 12
+  c.model.num_heads = 12
+  c.model.mlp_dim = 3072
+  c.model.patch_size = 16
+  c.model.stride = 12                 # 12: overlapping patches (CUHK, ICFG); 16 (RSTPReid)
+  c.model.vocab_size = 30522          # overwritten from the tokenizer at run time
+  c.model.max_text_positions = 512
+  c.model.type_vocab_size = 2
+  c.model.drop_path = 0.1
+  c.model.text_embed_dropout = 0.1    # BERT embedding dropout (hidden_dropout_prob) as the reference
+  c.model.ln_eps = 1e-6
+  c.model.text_ln_eps = 1e-12
+  c.model.dtype = 'float32'           # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)
+  c.model.remat = False
+
+  # ---- optimisation -----------------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'                # sgd (reference) | adamw
+  c.optim.lr = 0.005
+  c.optim.bias_lr_factor = 2.0
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.warmup_epochs = 5
+  c.optim.warmup_init_lr = 5e-5
+  c.optim.min_lr = 1e-5
+  c.optim.grad_clip_norm = 0.0        # 0 = off
+  c.num_epochs = 120
+
+  # ---- runtime ----------------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.eval_every_epochs = 5
+  c.eval_batch_size = 64
+  c.max_checkpoints = 2
+  c.num_retrieval_examples = 4        # queries shown in the retrieval picture
+  c.init = ml_collections.ConfigDict()  # pretrained weights, applied in this order
+  c.init.vit_npz = ''
+  c.init.bert = ''
+  c.init.ivt = ''
+  c.init.allow_random = ''            # comma-separated regexes of params allowed to stay random
+  return c

@@ -1,0 +1,167 @@
+"""Image decoding and the reference train/eval augmentation, in numpy/PIL.
+
+Everything random draws from a `np.random.Generator` passed in, so a view is a pure function of
+(encoded image, generator state). Images are uint8 (H, W, 3); the model normalizes them on device
+with mean = std = 0.5, i.e. `x / 127.5 - 1`.
+
+The reference train transform (torchvision + timm, applied to each of the three views):
+  Resize((H, W), bicubic) -> Pad(10, fill 0) -> RandomCrop((H, W)) -> RandomHorizontalFlip(0.5)
+  -> ToTensor -> Normalize(0.5, 0.5) -> timm RandomErasing(p=0.5, mode='pixel', max_count=1).
+Its eval transform is Resize((H, W)) with torchvision's default interpolation, bilinear.
+
+Here the resize is done once per image and shared by its three views (it is deterministic, so this
+is the same as resizing each view). Pad + crop is one zero-filled copy: output pixel (y, x) is
+resized pixel (y + i - pad, x + j - pad), zero outside, with i, j ~ U{0..2 pad}, as torchvision
+draws them on the padded image.
+
+RandomErasing matches timm's parameters: erase with probability p, up to 10 attempts, area
+fraction ~ U(0.02, 1/3), aspect ratio ~ exp(U(log 0.3, log 1/0.3)), h = round(sqrt(area * r)),
+w = round(sqrt(area / r)), accepted when h < H and w < W, top ~ U{0..H-h}, left ~ U{0..W-w}; the
+box is filled with per-pixel, per-channel standard normal noise in the normalized space.
+Difference: the noise is written in uint8 space, u = round(127.5 (n + 1)) clipped to [0, 255], so
+values with |n| > 1 (about 32% of them) saturate at the ends of the pixel range, and all values
+are quantized to the 256 pixel levels. The erased box is otherwise identical.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+
+TRAIN_RESAMPLE = PIL.Image.Resampling.BICUBIC  # the reference's T.Resize(..., interpolation=3)
+EVAL_RESAMPLE = PIL.Image.Resampling.BILINEAR  # the reference's T.Resize(...) default
+ERASE_AREA = (0.02, 1.0 / 3.0)                # timm RandomErasing min_area, max_area
+ERASE_MIN_ASPECT = 0.3                        # timm RandomErasing min_aspect (max = 1 / min)
+ERASE_ATTEMPTS = 10
+
+
+def decode_image(data, *, name: str = '') -> PIL.Image.Image:
+  """Encoded PNG/JPEG bytes (or an already decoded uint8 (h, w, 3) array) -> RGB PIL image."""
+  if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
+    if data.shape[-1] != 3:
+      raise ValueError(f'image {name!r}: expected 3 channels, got shape {data.shape}')
+    return PIL.Image.fromarray(data, 'RGB')
+  if isinstance(data, np.ndarray) and data.dtype == object and data.ndim == 0:
+    data = data.item()
+  if isinstance(data, np.bytes_):
+    data = bytes(data)
+  if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+    raise ValueError(f'image {name!r}: expected encoded PNG/JPEG bytes, got {type(data).__name__}'
+                     f'{" (empty)" if isinstance(data, (bytes, bytearray)) else ""}')
+  try:
+    image = PIL.Image.open(io.BytesIO(data))
+    image = image.convert('RGB')  # forces the decode
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f'image {name!r}: cannot decode ({e})') from e
+  return image
+
+
+def resize(image: PIL.Image.Image, size: Sequence[int], resample) -> np.ndarray:
+  """PIL image -> uint8 (H, W, 3) resized to size = (H, W) with PIL's filter `resample`."""
+  h, w = size
+  if image.size != (w, h):
+    image = image.resize((w, h), resample=resample)
+  out = np.asarray(image, dtype=np.uint8)
+  if out.shape != (h, w, 3):
+    raise ValueError(f'resize produced shape {out.shape}, expected {(h, w, 3)}')
+  return out
+
+
+def load_resized(data, size: Sequence[int], resample, *, name: str = '') -> np.ndarray:
+  """Decode then resize: encoded bytes -> uint8 (H, W, 3)."""
+  return resize(decode_image(data, name=name), size, resample)
+
+
+def pad_crop(image: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+  """Zero-pad by `pad` on every side, then crop back to the input size at a random offset.
+
+  Args:
+    image: uint8 (H, W, C).
+    pad: padding in pixels (0 = identity, no random draws).
+    rng: the generator.
+  Returns:
+    uint8 (H, W, C).
+  """
+  if pad <= 0:
+    return image
+  h, w = image.shape[:2]
+  i = int(rng.integers(0, 2 * pad + 1))  # top of the crop in the padded image
+  j = int(rng.integers(0, 2 * pad + 1))
+  dy, dx = i - pad, j - pad              # shift in the original image
+  out = np.zeros_like(image)
+  ys, ye = max(0, -dy), min(h, h - dy)   # output rows that see the image
+  xs, xe = max(0, -dx), min(w, w - dx)
+  out[ys:ye, xs:xe] = image[ys + dy:ye + dy, xs + dx:xe + dx]
+  return out
+
+
+def random_hflip(image: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
+  """Mirror left-right with probability `prob`. uint8 (H, W, C) -> same."""
+  if prob > 0 and rng.random() < prob:
+    return image[:, ::-1]
+  return image
+
+
+def erase_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+  """timm RandomErasing's box draw for an (h, w) image: (top, left, box_h, box_w) or None."""
+  area = h * w
+  log_lo, log_hi = math.log(ERASE_MIN_ASPECT), math.log(1.0 / ERASE_MIN_ASPECT)
+  for _ in range(ERASE_ATTEMPTS):
+    target_area = rng.uniform(*ERASE_AREA) * area
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    bh = int(round(math.sqrt(target_area * aspect)))
+    bw = int(round(math.sqrt(target_area / aspect)))
+    if bw < w and bh < h:
+      top = int(rng.integers(0, h - bh + 1))
+      left = int(rng.integers(0, w - bw + 1))
+      return top, left, bh, bw
+  return None
+
+
+def random_erase(image: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
+  """With probability `prob`, fill one random box with normal noise (see the module docstring).
+
+  Args:
+    image: uint8 (H, W, C); not modified.
+    prob: erase probability.
+    rng: the generator.
+  Returns:
+    uint8 (H, W, C).
+  """
+  if prob <= 0 or rng.random() >= prob:
+    return image
+  h, w, c = image.shape
+  box = erase_box(h, w, rng)
+  if box is None:
+    return image
+  top, left, bh, bw = box
+  noise = rng.standard_normal((bh, bw, c), dtype=np.float32)
+  out = np.array(image, copy=True)
+  out[top:top + bh, left:left + bw] = np.clip(np.rint(127.5 * (noise + 1.0)), 0, 255).astype(np.uint8)
+  return out
+
+
+def train_view(resized: np.ndarray, rng: np.random.Generator, *, pad: int, flip_prob: float,
+               erase_prob: float) -> np.ndarray:
+  """One augmented view of an already resized uint8 (H, W, 3) image: pad-crop, flip, erase."""
+  view = pad_crop(resized, pad, rng)
+  view = random_hflip(view, flip_prob, rng)
+  view = random_erase(view, erase_prob, rng)
+  return np.ascontiguousarray(view)
+
+
+def train_views(data, size: Sequence[int], rng: np.random.Generator, *, num_views: int = 3,
+                pad: int = 10, flip_prob: float = 0.5, erase_prob: float = 0.5,
+                name: str = '') -> np.ndarray:
+  """Encoded image -> uint8 (num_views, H, W, 3), independently augmented views of one resize."""
+  resized = load_resized(data, size, TRAIN_RESAMPLE, name=name)
+  return np.stack([train_view(resized, rng, pad=pad, flip_prob=flip_prob, erase_prob=erase_prob)
+                   for _ in range(num_views)])
+
+
+def eval_image(data, size: Sequence[int], *, name: str = '') -> np.ndarray:
+  """Encoded image -> uint8 (H, W, 3), resized only (bilinear, as the reference's eval)."""
+  return load_resized(data, size, EVAL_RESAMPLE, name=name)

@@ -1,0 +1,254 @@
+"""Prepare a dataset once: (SynthPEDES generation) -> TFDS build -> tokenizer; then open its splits.
+
+`prepare(config, workdir)` is idempotent: the first call builds `<data_dir>/<name>/<version>/`
+(ArrayRecord files, see input_pipeline/datasets) and the tokenizer, later calls only open them. In a
+multi-process run, process 0 prepares and writes a marker file; the other processes wait for it, so
+data_dir must be on storage that all hosts see (a shared file system) when there are several hosts.
+
+Config keys read: data.name, data.manual_dir, data.data_dir, data.skip_bad_records,
+data.val_fraction_ids, data.synthetic.{enabled, num_ids, images_per_id, image_size}, seed,
+data.tokenizer, data.vocab_file, data.sentencepiece_vocab_size.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from input_pipeline.datasets import BAD_RECORDS_FILE
+from input_pipeline.datasets import cuhk_pedes  # pylint: disable=unused-import (registers the builder)
+from input_pipeline.datasets import decode_json_list
+from input_pipeline.datasets import icfg_pedes  # pylint: disable=unused-import (registers the builder)
+from input_pipeline.datasets import records
+from input_pipeline.datasets import rstpreid  # pylint: disable=unused-import (registers the builder)
+
+NAMES = tuple(records.FORMATS)
+MARKER_FILE = 'prepared.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  """A prepared dataset: where it is, its tokenizer, its split sizes (images per split)."""
+  name: str
+  data_dir: str                 # TFDS data_dir (the dataset is in <data_dir>/<name>/<version>/)
+  dataset_dir: str              # <data_dir>/<name>/<version>
+  tokenizer: str                # 'sentencepiece' | 'wordpiece'
+  tokenizer_path: str           # .model or vocab.txt
+  split_sizes: dict[str, int]   # {'train': n, 'val': n, 'test': n} (0 for an absent split)
+  num_bad_records: int          # records left out under skip_bad_records
+  bad_records_file: str         # '' unless built with skip_bad_records
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _expand(path: str) -> str:
+  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def data_dir_of(config, workdir: str) -> str:
+  return _expand(config.data.data_dir) if config.data.data_dir else os.path.join(_expand(workdir), 'tfds')
+
+
+def _val_fraction(config) -> float | None:
+  """config.data.val_fraction_ids; 0 means the dataset's default (5% for ICFG-PEDES)."""
+  v = float(config.data.val_fraction_ids)
+  if v < 0.0 or v >= 1.0:
+    raise ValueError(f'config.data.val_fraction_ids must be in [0, 1), got {v}.')
+  return v if v > 0.0 else None
+
+
+def _builder(config, data_dir: str, workers: int = 1) -> tfds.core.DatasetBuilder:
+  name = config.data.name
+  if name not in NAMES:
+    raise ValueError(f'config.data.name={name!r} is not a known dataset; expected one of {NAMES}.')
+  return tfds.builder(name, data_dir=data_dir, file_format='array_record',
+                      skip_bad_records=bool(config.data.skip_bad_records),
+                      val_fraction_ids=_val_fraction(config), workers=workers)
+
+
+def _fingerprint(config) -> str:
+  """What a marker must match for a waiting process to trust it."""
+  d = config.data
+  key = [d.name, d.tokenizer, d.vocab_file, int(d.sentencepiece_vocab_size), float(d.val_fraction_ids)]
+  return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _maybe_generate_synthetic(config, manual_dir: str, workers: int) -> None:
+  syn = config.data.synthetic
+  if not syn.enabled or os.path.isfile(os.path.join(manual_dir, 'reid_raw.json')):
+    return
+  if config.data.name != 'cuhk_pedes':
+    raise ValueError('config.data.synthetic.enabled writes a CUHK-PEDES-format directory: set '
+                     f"config.data.name='cuhk_pedes' (got {config.data.name!r}).")
+  for key in ('num_ids', 'images_per_id'):
+    if int(syn[key]) <= 0:
+      raise ValueError(f'config.data.synthetic.{key} must be > 0 to generate SynthPEDES, got {syn[key]}.')
+  if len(syn.image_size) != 2 or min(syn.image_size) <= 0:
+    raise ValueError(f'config.data.synthetic.image_size must be (H, W) > 0, got {tuple(syn.image_size)}.')
+  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
+  logging.info('Generating SynthPEDES into %s (%d ids x %d images).', manual_dir, syn.num_ids,
+               syn.images_per_id)
+  synthetic.generate(manual_dir, int(syn.num_ids), int(syn.images_per_id), seed=int(config.seed),
+                     image_size=tuple(int(s) for s in syn.image_size), workers=workers)
+
+
+def _check_manual_dir(config, manual_dir: str) -> None:
+  try:
+    records.find_json(config.data.name, manual_dir)
+  except records.ManualDirError as e:
+    raise records.ManualDirError(f'config.data.manual_dir={config.data.manual_dir!r}: {e}') from None
+
+
+def _check_options(config, builder) -> None:
+  """The prepared data must match the options the config asks for."""
+  meta = builder.info.metadata or {}
+  if 'val_fraction_ids' in meta and meta['val_fraction_ids'] is not None:
+    want = _val_fraction(config)
+    want = records.DEFAULT_ICFG_VAL_FRACTION if want is None else want
+    if abs(float(meta['val_fraction_ids']) - want) > 1e-9:
+      raise ValueError(
+          f'{builder.data_dir} was prepared with val_fraction_ids={meta["val_fraction_ids"]}, but '
+          f'config.data.val_fraction_ids asks for {want}: remove that directory or set '
+          'config.data.data_dir to another place.')
+  if meta.get('num_bad_records') and not config.data.skip_bad_records:
+    logging.warning('%s was prepared with skip_bad_records=True and leaves out %d bad record(s); see %s.',
+                    builder.data_dir, meta['num_bad_records'], os.path.join(builder.data_dir, BAD_RECORDS_FILE))
+
+
+def _tokenizer(config, builder, data_dir: str, train: bool) -> str:
+  """Path of the tokenizer file; trains SentencePiece on the train captions when `train` and absent."""
+  kind = config.data.tokenizer
+  if kind == 'wordpiece':
+    path = _expand(config.data.vocab_file) if config.data.vocab_file else ''
+    if not path or not os.path.isfile(path):
+      raise FileNotFoundError(
+          f'config.data.tokenizer=wordpiece needs config.data.vocab_file, the bert-base-uncased '
+          f'vocab.txt (got {config.data.vocab_file!r}, which is not a file).')
+    return path
+  if kind != 'sentencepiece':
+    raise ValueError(f"config.data.tokenizer must be 'wordpiece' or 'sentencepiece', got {kind!r}.")
+  size = int(config.data.sentencepiece_vocab_size)
+  prefix = os.path.join(data_dir, config.data.name, f'spm_{size}')
+  path = prefix + '.model'
+  if os.path.isfile(path) or not train:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'SentencePiece model {path} not found (process 0 should have trained it).')
+    return path
+  from input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
+  source = builder.as_data_source(split='train')
+  texts = []
+  for i in range(len(source)):
+    texts.extend(c.decode('utf-8') for c in source[i]['captions'])
+  t0 = time.time()
+  path = tokenizers.train_sentencepiece(texts, prefix, size)
+  logging.info('Trained SentencePiece (%d pieces asked) on %d captions in %.1fs: %s', size, len(texts),
+               time.time() - t0, path)
+  return path
+
+
+def _prepared(config, builder, data_dir: str, tokenizer_path: str) -> PreparedData:
+  meta = builder.info.metadata or {}
+  sizes = {s: 0 for s in ('train', 'val', 'test')}
+  for s, info in builder.info.splits.items():
+    sizes[s] = int(info.num_examples)
+  bad_file = os.path.join(os.fspath(builder.data_dir), BAD_RECORDS_FILE)
+  return PreparedData(name=config.data.name, data_dir=data_dir, dataset_dir=os.fspath(builder.data_dir),
+                      tokenizer=config.data.tokenizer, tokenizer_path=tokenizer_path, split_sizes=sizes,
+                      num_bad_records=int(meta.get('num_bad_records', 0)),
+                      bad_records_file=bad_file if os.path.isfile(bad_file) else '')
+
+
+def prepare_here(config, workdir: str, workers: int | None = None) -> PreparedData:
+  """Builds (if needed) and opens the dataset in this process, ignoring other processes."""
+  data_dir = data_dir_of(config, workdir)
+  workers = workers or max(1, min(8, os.cpu_count() or 1))
+  builder = _builder(config, data_dir, workers)
+  if not builder.is_prepared():
+    manual_dir = _expand(config.data.manual_dir)
+    _maybe_generate_synthetic(config, manual_dir, workers)
+    _check_manual_dir(config, manual_dir)
+    t0 = time.time()
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False))
+    logging.info('Prepared %s in %.1fs: %s', config.data.name, time.time() - t0, builder.data_dir)
+    builder = _builder(config, data_dir, workers)  # re-open: the info now holds the splits
+  _check_options(config, builder)
+  tok = _tokenizer(config, builder, data_dir, train=True)
+  return _prepared(config, builder, data_dir, tok)
+
+
+def prepare(config, workdir: str, *, workers: int | None = None, wait_timeout_s: float = 6 * 3600,
+            poll_s: float = 5.0) -> PreparedData:
+  """Prepares the configured dataset (process 0) or waits for it (other processes), then opens it.
+
+  Args:
+    config: the run's ConfigDict (keys: module docstring).
+    workdir: the run's directory; the data goes to config.data.data_dir or <workdir>/tfds.
+    workers: processes for SynthPEDES generation, image checks and MLA texts (None: CPU count, <= 8).
+    wait_timeout_s: how long processes other than 0 wait for the marker.
+    poll_s: their polling interval.
+  Returns:
+    PreparedData (split_sizes count images).
+  """
+  import jax  # pylint: disable=g-import-not-at-top (prepare.py imports without jax)
+  data_dir = data_dir_of(config, workdir)
+  marker = os.path.join(data_dir, config.data.name, MARKER_FILE)
+  if jax.process_index() == 0:
+    prepared = prepare_here(config, workdir, workers)
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    tmp = f'{marker}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump({'fingerprint': _fingerprint(config), 'prepared': prepared.to_json()}, f, indent=1)
+    os.replace(tmp, marker)
+    return prepared
+  deadline = time.time() + wait_timeout_s
+  while True:
+    try:
+      with open(marker, encoding='utf-8') as f:
+        if json.load(f).get('fingerprint') == _fingerprint(config):
+          break
+    except (FileNotFoundError, json.JSONDecodeError):
+      pass
+    if time.time() > deadline:
+      raise TimeoutError(f'process {jax.process_index()}: no marker {marker} from process 0 after '
+                         f'{wait_timeout_s:.0f}s; data_dir must be on storage shared by all hosts.')
+    time.sleep(poll_s)
+  builder = _builder(config, data_dir)
+  _check_options(config, builder)
+  return _prepared(config, builder, data_dir, _tokenizer(config, builder, data_dir, train=False))
+
+
+def open_split(prepared: PreparedData, split: str):
+  """The split's ArrayRecord data source: len() and random access to example dicts.
+
+  Values: 'image' the encoded image bytes, 'image_path' bytes, 'person_id' int64, 'captions',
+  'phrases', 'attributes' lists of bytes (see `decode_example`).
+  """
+  if prepared.split_sizes.get(split, 0) == 0:
+    raise ValueError(f'{prepared.name} in {prepared.dataset_dir} has no {split!r} split '
+                     f'(split sizes {prepared.split_sizes}).')
+  return tfds.data_source(prepared.name, data_dir=prepared.data_dir, split=split, download=False)
+
+
+def decode_example(example: dict[str, Any]) -> dict[str, Any]:
+  """A data-source example with text as Python str.
+
+  Returns:
+    dict(image=bytes, image_path=str, person_id=int, captions=[str] * C,
+         phrases=[[str, ...]] * C, attributes=[[str, ...]] * C).
+  """
+  def s(v):
+    return v.decode('utf-8') if isinstance(v, bytes) else str(v)
+  return {
+      'image': example['image'],
+      'image_path': s(example['image_path']),
+      'person_id': int(example['person_id']),
+      'captions': [s(c) for c in example['captions']],
+      'phrases': [decode_json_list(p) for p in example['phrases']],
+      'attributes': [decode_json_list(a) for a in example['attributes']],
+  }

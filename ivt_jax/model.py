@@ -1,0 +1,292 @@
+"""The IVT encoder: one transformer shared by images and texts (Flax Linen, pure functional).
+
+Per block, `norm1`, the attention (`attn.qkv` laid out q|k|v, `attn.proj`) and `norm2` are shared by both
+modalities; the MLP is per modality (`mlp_vis` for images, `mlp_txt` for texts). Images enter through an
+overlapping patch convolution, a CLS token and learned position and type embeddings; texts through BERT-style
+word + position + token-type embeddings with LayerNorm(eps 1e-12). The CLS output after the final LayerNorm is
+the embedding; retrieval compares embeddings by cosine.
+
+Numerics follow the reference: LayerNorm eps 1e-6 in the blocks, exact (erf) GELU, additive (1 - mask) * -10000
+attention masks, stochastic depth linearly 0 -> drop_path over the blocks, qkv with bias.
+
+BMM token dropping is done by masking, not by removal, so that every shape is static under jit: a dropped token
+is excluded as a key in every layer with the same additive -10000 used for padding. Every kept token (CLS
+included) then attends to exactly the kept tokens, with the dropped ones contributing exp(-10000 + s) = 0 (exactly
+0 in float32 and bfloat16), so the CLS output equals the output of the sequence with those tokens removed; the
+dropped tokens' own outputs are computed and ignored. tests/test_model.py checks this equivalence.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ivt_jax import shapes
+
+MASK_VALUE = -10000.0  # the reference's additive mask, not -inf.
+_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Static description of the encoder; built from `config.model` and `config.data` by `encoder_config`."""
+  image_size: tuple[int, int] = (384, 128)
+  patch_size: int = 16
+  stride: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  vocab_size: int = 30522
+  max_text_positions: int = 512
+  type_vocab_size: int = 2
+  drop_path: float = 0.1
+  text_embed_dropout: float = 0.1
+  bmm_ratio: float = 0.2
+  ln_eps: float = 1e-6
+  text_ln_eps: float = 1e-12
+  dtype: str = 'float32'
+  attention: str = 'xla'
+  remat: bool = False
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return shapes.patch_grid(self.image_size, self.patch_size, self.stride)
+
+  @property
+  def num_image_tokens(self) -> int:
+    return shapes.num_image_tokens(self.image_size, self.patch_size, self.stride)
+
+
+def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
+  """The one place where the experiment config becomes the encoder's static config."""
+  m = config.model
+  if m.width % m.num_heads:
+    raise ValueError(f'model.width ({m.width}) must be divisible by model.num_heads ({m.num_heads})')
+  if m.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+  if m.attention not in ('xla', 'cudnn', 'auto'):
+    raise ValueError(f"model.attention must be 'xla', 'cudnn' or 'auto', got {m.attention!r}")
+  if config.data.text_length > m.max_text_positions:
+    raise ValueError(f'data.text_length ({config.data.text_length}) exceeds model.max_text_positions '
+                     f'({m.max_text_positions})')
+  if not 0.0 <= config.data.bmm_ratio < 1.0:
+    raise ValueError(f'data.bmm_ratio must be in [0, 1), got {config.data.bmm_ratio}')
+  return EncoderConfig(
+      image_size=tuple(config.data.image_size), patch_size=m.patch_size, stride=m.stride, width=m.width,
+      depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
+      max_text_positions=m.max_text_positions, type_vocab_size=m.type_vocab_size, drop_path=m.drop_path,
+      text_embed_dropout=m.text_embed_dropout, bmm_ratio=config.data.bmm_ratio, ln_eps=m.ln_eps,
+      text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat)
+
+
+def normalize_images(images_uint8: jax.Array) -> jax.Array:
+  """(N, H, W, 3) uint8 -> float32 in [-1, 1]: mean = std = 0.5 per channel, as the reference."""
+  return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def draw_keep_mask(rng: jax.Array, batch: int, length: int, ratio: float) -> jax.Array:
+  """BMM drop pattern: (batch, length) bool, CLS (position 0) always kept.
+
+  Per row, k ~ U{0, ..., floor(ratio * length)} of the positions 1..length-1 are dropped, chosen uniformly.
+  `length` counts the CLS token and, for text, the padding, as the reference does.
+  """
+  max_drop = int(ratio * length)
+  rk, rp = jax.random.split(rng)
+  k = jax.random.randint(rk, (batch, 1), 0, max_drop + 1)
+  scores = jax.random.uniform(rp, (batch, length - 1))
+  rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # a uniform random permutation rank per row
+  keep_rest = rank >= k
+  return jnp.concatenate([jnp.ones((batch, 1), bool), keep_rest], axis=1)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2."""
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=_trunc_normal, name='fc2')(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one qkv projection laid out q|k|v and an additive key bias."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  implementation: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, key_bias):
+    """x: (B, N, D); key_bias: (B, N) float32, 0 for attended keys and -10000 for masked ones."""
+    b, n, d = x.shape
+    h = self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_trunc_normal, name='qkv')(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)  # each (B, N, 1, H, Dh)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    bias = key_bias[:, None, None, :]  # (B, 1, 1, N)
+    if self.is_mutable_collection('intermediates'):
+      # Explicit path that exposes the attention probabilities (attention maps).
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * (d // h) ** -0.5
+      probs = jax.nn.softmax(logits + bias, axis=-1)
+      self.sow('intermediates', 'attention', probs)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+    else:
+      impl = None if self.implementation == 'auto' else self.implementation
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=impl)
+    out = out.reshape(b, n, d)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=_trunc_normal, name='proj')(out)
+
+
+class Block(nn.Module):
+  """Pre-norm block: shared norm1/attn/norm2, the MLP chosen by modality; stochastic depth on both branches."""
+  num_heads: int
+  mlp_dim: int
+  drop_path: float
+  ln_eps: float
+  dtype: Any = jnp.float32
+  implementation: str = 'xla'
+
+  def _drop_path(self, y, deterministic):
+    if deterministic or self.drop_path == 0.0:
+      return y
+    keep = 1.0 - self.drop_path
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep, 0).astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x, key_bias, modality: str, deterministic: bool):
+    norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    attn = Attention(self.num_heads, self.dtype, self.implementation, name='attn')
+    x = x + self._drop_path(attn(norm('norm1')(x), key_bias), deterministic)
+    y = norm('norm2')(x)
+    # Both MLPs exist in every block; only the modality's one runs.
+    mlp_vis = Mlp(self.mlp_dim, self.dtype, name='mlp_vis')
+    mlp_txt = Mlp(self.mlp_dim, self.dtype, name='mlp_txt')
+    if self.is_initializing():
+      _ = mlp_txt(y) if modality == 'image' else mlp_vis(y)
+    y = mlp_vis(y) if modality == 'image' else mlp_txt(y)
+    return x + self._drop_path(y, deterministic)
+
+
+class TextEmbeddings(nn.Module):
+  """BERT embeddings: word + position + token type 0, LayerNorm(eps 1e-12), dropout."""
+  vocab_size: int
+  max_positions: int
+  type_vocab_size: int
+  width: int
+  ln_eps: float
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids, deterministic: bool):
+    """ids: (B, L) int32 -> (B, L, D)."""
+    init = nn.initializers.normal(0.02)
+    word = nn.Embed(self.vocab_size, self.width, embedding_init=init, name='word_embeddings')(ids)
+    pos = nn.Embed(self.max_positions, self.width, embedding_init=init, name='position_embeddings')(
+        jnp.arange(ids.shape[1])[None])
+    typ = nn.Embed(self.type_vocab_size, self.width, embedding_init=init, name='token_type_embeddings')(
+        jnp.zeros_like(ids))
+    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm')(word + typ + pos)
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """The shared image/text transformer. Entry points: `embed_images`, `embed_texts` (and the token versions).
+
+  Rngs at training time: 'dropout' (stochastic depth, text embedding dropout) and, only when no keep mask is
+  given, 'bmm' (the token-drop pattern).
+  """
+  cfg: EncoderConfig
+
+  def setup(self):
+    c = self.cfg
+    dtype = jnp.dtype(c.dtype)
+    n_img = c.num_image_tokens
+    fan_out = c.patch_size * c.patch_size * c.width
+    self.patch_embed = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=(c.stride, c.stride),
+                               padding='VALID', dtype=dtype,
+                               kernel_init=nn.initializers.normal(np.sqrt(2.0 / fan_out)), name='patch_embed')
+    self.cls_token = self.param('cls_token', _trunc_normal, (1, 1, c.width))
+    self.pos_embed = self.param('pos_embed', _trunc_normal, (1, n_img, c.width))
+    self.type_embed = self.param('type_embed', _trunc_normal, (1, n_img, c.width))
+    self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_positions, c.type_vocab_size, c.width,
+                                     c.text_ln_eps, c.text_embed_dropout, dtype)
+    block = nn.remat(Block, static_argnums=(3, 4)) if c.remat else Block
+    rates = np.linspace(0.0, c.drop_path, c.depth)
+    self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention)
+                   for i in range(c.depth)]
+    self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=dtype)
+
+  def _keep(self, keep, batch, length, train):
+    """The BMM keep mask to apply: the given one at training time, a drawn one if none, all-ones at eval."""
+    if not train:
+      return jnp.ones((batch, length), bool)
+    if keep is None:
+      if self.cfg.bmm_ratio == 0.0:
+        return jnp.ones((batch, length), bool)
+      keep = draw_keep_mask(self.make_rng('bmm'), batch, length, self.cfg.bmm_ratio)
+    if keep.shape != (batch, length):
+      raise ValueError(f'keep mask has shape {keep.shape}, expected {(batch, length)}')
+    return keep.astype(bool).at[:, 0].set(True)
+
+  def _transformer(self, x, valid, modality, train):
+    """x: (B, N, D) embedded tokens; valid: (B, N) bool keys -> (B, N, D) after the final LayerNorm."""
+    key_bias = jnp.where(valid, 0.0, MASK_VALUE).astype(jnp.float32)
+    for blk in self.blocks:
+      x = blk(x, key_bias, modality, not train)
+    return self.norm(x)
+
+  def image_tokens(self, images, keep=None, train: bool = False):
+    """images: (B, H, W, 3) float, normalized (see `normalize_images`) -> (B, 1 + patches, D)."""
+    c = self.cfg
+    if images.shape[1:3] != tuple(c.image_size):
+      raise ValueError(f'images are {images.shape[1:3]}, the model expects data.image_size {c.image_size}')
+    b = images.shape[0]
+    x = self.patch_embed(images.astype(jnp.dtype(c.dtype)))
+    x = x.reshape(b, -1, c.width)  # row-major over the (rows, cols) grid
+    x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c.width)).astype(x.dtype), x], axis=1)
+    x = x + self.pos_embed + self.type_embed
+    return self._transformer(x, self._keep(keep, b, x.shape[1], train), 'image', train)
+
+  def text_tokens(self, ids, mask, keep=None, train: bool = False):
+    """ids, mask: (B, L) int -> (B, L, D). mask is 1 for real tokens (incl. [CLS]/[SEP]) and 0 for padding."""
+    b, n = ids.shape
+    if n > self.cfg.max_text_positions:
+      raise ValueError(f'text length {n} exceeds model.max_text_positions {self.cfg.max_text_positions}')
+    x = self.embeddings(ids, deterministic=not train)
+    valid = jnp.logical_and(mask.astype(bool), self._keep(keep, b, n, train))
+    return self._transformer(x, valid, 'text', train)
+
+  def embed_images(self, images, keep=None, train: bool = False):
+    """(B, H, W, 3) normalized float -> (B, D) CLS embedding (float32)."""
+    return self.image_tokens(images, keep, train)[:, 0].astype(jnp.float32)
+
+  def embed_texts(self, ids, mask, keep=None, train: bool = False):
+    """(B, L) ids and mask -> (B, D) CLS embedding (float32)."""
+    return self.text_tokens(ids, mask, keep, train)[:, 0].astype(jnp.float32)
+
+  def __call__(self, images, ids, mask, train: bool = False):
+    """Both modalities (used to initialize every parameter): -> ((B, D), (B, D))."""
+    return self.embed_images(images, train=train), self.embed_texts(ids, mask, train=train)
+
+
+def init_params(cfg: EncoderConfig, rng: jax.Array):
+  """Fresh float32 parameters of the encoder (no data needed)."""
+  h, w = cfg.image_size
+  images = jnp.zeros((1, h, w, 3), jnp.float32)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return Encoder(cfg).init({'params': rng}, images, ids, jnp.ones_like(ids))['params']
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

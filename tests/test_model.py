@@ -1,0 +1,196 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ivt_jax import model
+from tests.conftest import tiny_config
+
+
+def _setup(**kw):
+  c = tiny_config(**kw)
+  cfg = model.encoder_config(c)
+  params = model.init_params(cfg, jax.random.key(0))
+  return c, cfg, model.Encoder(cfg), params
+
+
+def _inputs(cfg, b=3, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  h, w = cfg.image_size
+  images = jnp.asarray(rng.uniform(-1, 1, (b, h, w, 3)), jnp.float32)
+  ids = jnp.asarray(rng.integers(1, cfg.vocab_size, (b, length)), jnp.int32)
+  lengths = np.array([length, 9, 5][:b])
+  mask = jnp.asarray(np.arange(length)[None] < lengths[:, None], jnp.int32)
+  return images, ids, mask
+
+
+def test_param_counts_match_reference_vit_b():
+  from configs import base
+  for stride, expected in ((12, 166_631_424), (16, 166_450_176)):
+    c = base.get_config()
+    c.model.stride = stride
+    cfg = model.encoder_config(c)
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    assert model.count_params(shapes) == expected
+    assert cfg.num_image_tokens == {12: 311, 16: 193}[stride]
+
+
+def test_shapes_and_dtypes():
+  _, cfg, enc, p = _setup()
+  images, ids, mask = _inputs(cfg)
+  xi = enc.apply({'params': p}, images, method=enc.embed_images)
+  xt = enc.apply({'params': p}, ids, mask, method=enc.embed_texts)
+  assert xi.shape == (3, 32) and xt.shape == (3, 32)
+  assert xi.dtype == jnp.float32 and xt.dtype == jnp.float32
+  assert p['pos_embed'].shape == (1, cfg.num_image_tokens, 32)
+  assert p['patch_embed']['kernel'].shape == (16, 16, 3, 32)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  _, cfg, enc, p = _setup(dtype='bfloat16')
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(p))
+  images, ids, mask = _inputs(cfg)
+  tokens = enc.apply({'params': p}, images, method=enc.image_tokens)
+  assert tokens.dtype == jnp.bfloat16
+  _, cfg32, enc32, _ = _setup()
+  ref = enc32.apply({'params': p}, images, method=enc32.embed_images)
+  out = enc.apply({'params': p}, images, method=enc.embed_images)
+  np.testing.assert_allclose(out, ref, atol=0.1)
+
+
+def test_padding_does_not_change_text_embedding():
+  _, cfg, enc, p = _setup()
+  _, ids, mask = _inputs(cfg)
+  ids2 = ids.at[1, 9:].set(7).at[2, 5:].set(3)  # change only padded positions
+  a = enc.apply({'params': p}, ids, mask, method=enc.embed_texts)
+  b = enc.apply({'params': p}, ids2, mask, method=enc.embed_texts)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  # A shorter padded length gives the same embedding too.
+  short = enc.apply({'params': p}, ids[1:2, :9], mask[1:2, :9], method=enc.embed_texts)
+  np.testing.assert_allclose(a[1:2], short, atol=1e-5)
+
+
+def test_real_tokens_do_change_text_embedding():
+  _, cfg, enc, p = _setup()
+  _, ids, mask = _inputs(cfg)
+  a = enc.apply({'params': p}, ids, mask, method=enc.embed_texts)
+  b = enc.apply({'params': p}, ids.at[1, 3].set(ids[1, 3] % 99 + 1), mask, method=enc.embed_texts)
+  assert np.abs(a[1] - b[1]).max() > 1e-4
+
+
+def test_masking_equals_removal():
+  """A token masked out of attention in every layer leaves the CLS output as removing it would."""
+  _, cfg, enc, p = _setup(drop_path=0.0, text_embed_dropout=0.0)
+  images, ids, mask = _inputs(cfg, b=1)
+  keep = np.ones((1, 16), bool)
+  keep[0, [2, 5, 11]] = False
+  masked = enc.apply({'params': p}, ids, mask, jnp.asarray(keep), True, method=enc.embed_texts)
+  # Removal: run the transformer on the kept tokens only (embeddings computed at full length first).
+  def removed(module, ids, mask, keep):
+    x = module.embeddings(ids, deterministic=True)[:, keep[0]]
+    return module._transformer(x, mask[:, keep[0]].astype(bool), 'text', False)[:, 0]
+  ref = enc.apply({'params': p}, ids, mask, keep, method=removed)
+  np.testing.assert_allclose(masked, ref, atol=1e-5)
+  # Image side as well.
+  n = cfg.num_image_tokens
+  keep_i = np.ones((1, n), bool)
+  keep_i[0, [1, 4, 7]] = False
+  masked_i = enc.apply({'params': p}, images, jnp.asarray(keep_i), True, method=enc.embed_images)
+  full_tokens = enc.apply({'params': p}, images, method=enc.image_tokens)
+  def removed_img(module, images, keep):
+    b = images.shape[0]
+    x = module.patch_embed(images).reshape(b, -1, cfg.width)
+    x = jnp.concatenate([jnp.broadcast_to(module.cls_token, (b, 1, cfg.width)), x], 1)
+    x = (x + module.pos_embed + module.type_embed)[:, keep[0]]
+    return module._transformer(x, jnp.ones(x.shape[:2], bool), 'image', False)[:, 0]
+  ref_i = enc.apply({'params': p}, images, keep_i, method=removed_img)
+  np.testing.assert_allclose(masked_i, ref_i, atol=1e-5)
+  assert np.abs(full_tokens[:, 0] - masked_i).max() > 1e-4  # dropping changed the output
+
+
+def test_bmm_drawn_mask_bounds():
+  for length, ratio in ((16, 0.2), (311, 0.2), (193, 0.5)):
+    keep = np.asarray(model.draw_keep_mask(jax.random.key(3), 2000, length, ratio))
+    dropped = (~keep).sum(1)
+    assert keep[:, 0].all()
+    assert dropped.min() == 0 and dropped.max() == int(ratio * length)
+    assert abs(dropped.mean() - int(ratio * length) / 2) < 0.1 * int(ratio * length) + 0.5
+    # Positions uniform over 1..N-1.
+    freq = (~keep[:, 1:]).mean(0)
+    assert freq.std() < 0.35 * freq.mean()
+
+
+def test_bmm_in_training_and_not_at_eval():
+  _, cfg, enc, p = _setup(drop_path=0.0, text_embed_dropout=0.0)
+  images, ids, mask = _inputs(cfg)
+  ev = enc.apply({'params': p}, images, method=enc.embed_images)
+  # Eval ignores a keep mask entirely.
+  keep = jnp.zeros((3, cfg.num_image_tokens), bool)
+  np.testing.assert_array_equal(enc.apply({'params': p}, images, keep, False, method=enc.embed_images), ev)
+  # Training draws from the 'bmm' stream: deterministic for a seed, different across seeds.
+  f = lambda s: enc.apply({'params': p}, images, None, True, method=enc.embed_images,
+                          rngs={'bmm': jax.random.key(s), 'dropout': jax.random.key(0)})
+  np.testing.assert_array_equal(f(1), f(1))
+  assert np.abs(f(1) - f(2)).max() > 0
+  # A given keep mask overrides the stream (no 'bmm' rng needed) and CLS is forced kept.
+  keep = jnp.ones((3, cfg.num_image_tokens), bool).at[:, 0].set(False)
+  out = enc.apply({'params': p}, images, keep, True, method=enc.embed_images, rngs={'dropout': jax.random.key(0)})
+  np.testing.assert_allclose(out, ev, atol=1e-6)
+  with pytest.raises(ValueError, match='keep mask has shape'):
+    enc.apply({'params': p}, images, keep[:, :5], True, method=enc.embed_images)
+
+
+def test_modality_mlps_get_gradient_only_from_their_modality():
+  from ivt_jax import losses
+  _, cfg, enc, p = _setup()
+  images, ids, mask = _inputs(cfg)
+  pid = jnp.array([0, 1, 0])
+  def img_loss(p):
+    x = enc.apply({'params': p}, images, method=enc.embed_images)
+    return losses.cmpm_loss(x, jax.lax.stop_gradient(x[::-1]), pid)
+  def txt_loss(p):
+    z = enc.apply({'params': p}, ids, mask, method=enc.embed_texts)
+    return losses.cmpm_loss(jax.lax.stop_gradient(z[::-1]), z, pid)
+  gi, gt = jax.grad(img_loss)(p), jax.grad(txt_loss)(p)
+  norm = lambda t: float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(t)))
+  for b in ('blocks_0', 'blocks_1'):
+    assert norm(gi[b]['mlp_txt']) == 0 and norm(gi[b]['mlp_vis']) > 0
+    assert norm(gt[b]['mlp_vis']) == 0 and norm(gt[b]['mlp_txt']) > 0
+    for shared in ('attn', 'norm1', 'norm2'):
+      assert norm(gi[b][shared]) > 0 and norm(gt[b][shared]) > 0
+  assert norm(gi['embeddings']) == 0 and norm(gt['patch_embed']) == 0
+
+
+def test_stochastic_depth_schedule_and_rng():
+  _, cfg, enc, p = _setup(drop_path=0.5, text_embed_dropout=0.0, depth=3)
+  blocks = model.Encoder(cfg).bind({'params': model.init_params(cfg, jax.random.key(0))})
+  assert [blocks.blocks[i].drop_path for i in range(3)] == [0.0, 0.25, 0.5]
+  _, ids, mask = _inputs(cfg)
+  p = model.init_params(cfg, jax.random.key(0))
+  keep = jnp.ones(ids.shape, bool)
+  f = lambda s: model.Encoder(cfg).apply({'params': p}, ids, mask, keep, True, method='embed_texts',
+                                         rngs={'dropout': jax.random.key(s)})
+  np.testing.assert_array_equal(f(0), f(0))
+  assert np.abs(f(0) - f(1)).max() > 0
+
+
+def test_remat_gives_same_gradients():
+  _, cfg, enc, p = _setup(drop_path=0.0, text_embed_dropout=0.0)
+  _, cfg_r, enc_r, _ = _setup(drop_path=0.0, text_embed_dropout=0.0, remat=True)
+  images, _, _ = _inputs(cfg)
+  g = jax.grad(lambda p: enc.apply({'params': p}, images, method=enc.embed_images).sum())(p)
+  gr = jax.grad(lambda p: enc_r.apply({'params': p}, images, method=enc_r.embed_images).sum())(p)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g, gr)
+
+
+def test_config_errors_name_the_key():
+  c = tiny_config()
+  c.model.num_heads = 5
+  with pytest.raises(ValueError, match='model.num_heads'):
+    model.encoder_config(c)
+  c = tiny_config(dtype='float16')
+  with pytest.raises(ValueError, match='model.dtype'):
+    model.encoder_config(c)
+  _, cfg, enc, p = _setup()
+  with pytest.raises(ValueError, match='data.image_size'):
+    enc.apply({'params': p}, jnp.zeros((1, 32, 32, 3)), method=enc.embed_images)

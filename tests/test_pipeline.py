@@ -1,0 +1,407 @@
+"""Tests for input_pipeline.augment and input_pipeline.pipeline on an in-memory source."""
+import io
+import json
+import math
+
+from absl import flags
+import grain
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+
+from configs import base
+from input_pipeline import augment
+from input_pipeline import pipeline
+
+COLORS = ['red', 'blue', 'green', 'black', 'white', 'grey', 'yellow', 'pink']
+# Units (captions) per identity: 1, 2, 3 or more than K, so that both sampler branches run.
+IMAGES_PER_ID = {10: [2, 2], 11: [1], 12: [2, 2, 2, 2], 13: [3], 14: [2, 1], 15: [1, 1, 1],
+                 16: [2, 2, 2, 1, 2]}
+
+
+class CharTokenizer:
+  """Byte-level tokenizer: [CLS]=1, bytes + 3, [SEP]=2, padding 0; invertible for checks."""
+  vocab_size = 259
+  pad_id = 0
+
+  def encode(self, texts, length):
+    ids = np.zeros((len(texts), length), np.int32)
+    for i, t in enumerate(texts):
+      row = [1] + [3 + b for b in t.encode('utf-8')][:length - 2] + [2]
+      ids[i, :len(row)] = row
+    return ids, (ids != 0).astype(np.int32)
+
+  @staticmethod
+  def decode(ids):
+    ids = [int(i) for i in ids if i > 2]
+    return bytes(i - 3 for i in ids).decode('utf-8')
+
+
+def _png(h, w, seed):
+  rng = np.random.default_rng(seed)
+  im = PIL.Image.new('RGB', (w, h), tuple(int(x) for x in rng.integers(0, 255, 3)))
+  draw = PIL.ImageDraw.Draw(im)
+  for _ in range(4):
+    x0, y0 = int(rng.integers(0, w - 2)), int(rng.integers(0, h - 2))
+    draw.rectangle([x0, y0, x0 + int(rng.integers(2, w)), y0 + int(rng.integers(2, h))],
+                   fill=tuple(int(x) for x in rng.integers(0, 255, 3)))
+  buf = io.BytesIO()
+  im.save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def make_source():
+  """Records of IMAGES_PER_ID (value: captions per image); some captions lack phrases/attributes."""
+  records = []
+  for pid, images in IMAGES_PER_ID.items():
+    for n_caps in images:
+      r = len(records)
+      caps, phrases, attrs = [], [], []
+      for c in range(n_caps):
+        a, b = COLORS[(r + c) % 8], COLORS[(r + 3 * c + 1) % 8]
+        caps.append(f'person {pid} image {r} text {c} wears a {a} shirt, {b} pants. '
+                    f'carries a bag')
+        ph = [f'wears a {a} shirt', f'{b} pants', 'carries a bag'] if (r + c) % 5 else []
+        at = [f'{a} shirt', f'{b} pants', 'bag'][:1 + (r + c) % 3] if (r + c) % 4 else []
+        phrases.append(json.dumps(ph))
+        attrs.append(json.dumps(at).encode())  # bytes, as TFDS returns them
+      records.append(dict(image=_png(40 + 7 * r % 23, 16 + r % 9, r),
+                          image_path=f'imgs/{pid}/{r}.png', person_id=pid,
+                          captions=np.array([c.encode() for c in caps], dtype=object),
+                          phrases=phrases, attributes=attrs))
+  return records
+
+
+SOURCE = make_source()
+CAPTIONS = {}  # caption -> (record, phrases, attributes)
+for _i, _r in enumerate(SOURCE):
+  for _c, _cap in enumerate(_r['captions']):
+    CAPTIONS[_cap.decode()] = (_i, json.loads(_r['phrases'][_c]), json.loads(_r['attributes'][_c]))
+
+
+def make_config(**data):
+  c = base.get_config()
+  c.data.image_size = (96, 32)
+  c.data.text_length = 128
+  c.data.ids_per_batch = 3
+  c.data.images_per_id = 2
+  c.data.worker_count = 0
+  c.model.patch_size = 16
+  c.model.stride = 8          # grid 11 x 3: N_img = 34
+  c.eval_batch_size = 4
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+N_IMG = 34
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ---- augment --------------------------------------------------------------------------------------
+
+def test_pad_crop_is_a_shifted_copy():
+  img = np.random.default_rng(0).integers(1, 255, (20, 12, 3), dtype=np.uint8)
+  for seed in range(20):
+    out = augment.pad_crop(img, 4, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    i, j = int(rng.integers(0, 9)), int(rng.integers(0, 9))
+    padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
+    np.testing.assert_array_equal(out, padded[i:i + 20, j:j + 12])
+  np.testing.assert_array_equal(augment.pad_crop(img, 0, np.random.default_rng(0)), img)
+
+
+def test_random_erase_box_follows_timm_ranges():
+  img = np.full((96, 32, 3), 7, np.uint8)  # noise never rounds to 7 on all three channels
+  areas = []
+  for seed in range(200):
+    out = augment.random_erase(img, 1.0, np.random.default_rng(seed))
+    changed = np.any(out != img, axis=-1)
+    if not changed.any():
+      continue  # all 10 attempts rejected (possible for a 96x32 image)
+    ys, xs = np.nonzero(changed)
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    areas.append(h * w / img[..., 0].size)
+    assert h < 96 and w < 32
+  assert len(areas) > 150
+  assert min(areas) >= 0.015 and max(areas) <= 1 / 3 + 0.03
+  np.testing.assert_array_equal(augment.random_erase(img, 0.0, np.random.default_rng(0)), img)
+
+
+def test_train_views_deterministic_and_eval_is_plain_resize():
+  data = _png(50, 20, 3)
+  a = augment.train_views(data, (96, 32), np.random.default_rng(5))
+  b = augment.train_views(data, (96, 32), np.random.default_rng(5))
+  assert a.shape == (3, 96, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a[0], a[1]) or not np.array_equal(a[1], a[2])
+  ref = np.asarray(PIL.Image.open(io.BytesIO(data)).convert('RGB').resize(
+      (32, 96), PIL.Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(augment.eval_image(data, (96, 32)), ref)
+  plain = augment.train_views(data, (96, 32), np.random.default_rng(0), pad=0, flip_prob=0,
+                              erase_prob=0)
+  ref = np.asarray(PIL.Image.open(io.BytesIO(data)).convert('RGB').resize(
+      (32, 96), PIL.Image.Resampling.BICUBIC))
+  np.testing.assert_array_equal(plain[0], ref)
+
+
+def test_bad_image_names_the_record():
+  with pytest.raises(ValueError, match='imgs/x.png'):
+    augment.eval_image(b'not an image', (96, 32), name='imgs/x.png')
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def test_batch_shapes_and_dtypes():
+  it = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=0, shard_index=0,
+                               shard_count=1)
+  batch = next(it)
+  expected = dict(images=((6, 3, 96, 32, 3), np.uint8), text_ids=((6, 3, 128), np.int32),
+                  text_mask=((6, 3, 128), np.int32), image_keep=((6, 3, N_IMG), np.bool_),
+                  text_keep=((6, 3, 128), np.bool_), person_id=((6,), np.int32))
+  assert set(batch) == set(expected)
+  for k, (shape, dtype) in expected.items():
+    assert batch[k].shape == shape and batch[k].dtype == dtype, k
+
+
+def test_steps_per_epoch_counts_reference_chunks():
+  config = make_config()
+  # Captions per identity: 4, 1, 8, 3, 3, 3, 9 -> max(n, 2) // 2 = 2, 1, 4, 1, 1, 1, 4 = 14 chunks.
+  assert pipeline.steps_per_epoch(config, SOURCE) == 14 // 3
+  index = pipeline.TrainIndex.from_source(SOURCE)
+  assert pipeline.steps_per_epoch(config, index) == 4
+  assert pipeline.steps_per_epoch(config, index.person_id) == 4
+  config.data.sample_unit = 'image'  # images per identity: 2, 1, 4, 1, 2, 3, 5 -> 1+1+2+1+1+1+2
+  assert pipeline.steps_per_epoch(config, SOURCE) == 9 // 3
+  with pytest.raises(ValueError, match='data.ids_per_batch'):
+    pipeline.steps_per_epoch(make_config(ids_per_batch=8), SOURCE)
+
+
+def test_identity_sampler_epochs():
+  index = pipeline.TrainIndex.from_source(SOURCE)
+  sampler = pipeline.IdentitySampler(index.person_id, 3, 2, seed=1)
+  assert sampler.steps_per_epoch == 4
+  plans = [sampler.epoch(e) for e in range(3)]
+  assert not np.array_equal(plans[0], plans[1])
+  np.testing.assert_array_equal(plans[0], pipeline.IdentitySampler(index.person_id, 3, 2, 1).epoch(0))
+  for plan in plans:
+    assert plan.shape == (4, 6)
+    pids = index.person_id[plan].reshape(4, 3, 2)
+    assert (pids[:, :, 0] == pids[:, :, 1]).all()
+    assert all(len(set(row)) == 3 for row in pids[:, :, 0])
+    # Identities with at least K units never repeat a unit within an epoch.
+    for pid in np.unique(index.person_id):
+      units = plan[index.person_id[plan] == pid]
+      if (index.person_id == pid).sum() >= 2:
+        assert len(set(units.tolist())) == len(units)
+
+
+def test_identity_balance_and_texts():
+  config = make_config()
+  it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=3, shard_index=0,
+                               shard_count=1)
+  seen_fallback = {'phrase': 0, 'word_phrase': 0, 'word_caption': 0}
+  for batch in take(it, 8):
+    pids = batch['person_id'].reshape(3, 2)
+    assert (pids[:, 0] == pids[:, 1]).all() and len(set(pids[:, 0])) == 3
+    for row in range(6):
+      sentence, phrase, word = (CharTokenizer.decode(batch['text_ids'][row, l]) for l in range(3))
+      assert sentence in CAPTIONS, sentence
+      r, phrases, attrs = CAPTIONS[sentence]
+      assert SOURCE[r]['person_id'] == batch['person_id'][row]
+      if phrases:
+        assert phrase in phrases
+      else:
+        assert phrase == sentence
+        seen_fallback['phrase'] += 1
+      if attrs:
+        parts = word.split(', ')
+        assert 1 <= len(parts) <= len(attrs) and len(set(parts)) == len(parts)
+        assert set(parts) <= set(attrs)
+      elif phrases:
+        assert word in phrases
+        seen_fallback['word_phrase'] += 1
+      else:
+        assert word == sentence
+        seen_fallback['word_caption'] += 1
+      np.testing.assert_array_equal(batch['text_mask'][row], batch['text_ids'][row] != 0)
+  assert all(seen_fallback.values()), seen_fallback
+
+
+def test_word_level_max_attrs():
+  rng = np.random.default_rng(0)
+  attrs = ['a', 'b', 'c', 'd', 'e']
+  sizes = {len(pipeline.mla_texts('cap', ['p'], attrs, rng, max_attrs=2)[2].split(', '))
+           for _ in range(100)}
+  assert sizes == {1, 2}
+  sizes = {len(pipeline.mla_texts('cap', ['p'], attrs, rng)[2].split(', ')) for _ in range(300)}
+  assert sizes == {1, 2, 3, 4, 5}
+
+
+def test_bmm_keep_masks():
+  it = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=0, shard_index=0,
+                               shard_count=1)
+  batches = take(it, 6)
+  for key, n in (('image_keep', N_IMG), ('text_keep', 128)):
+    keep = np.concatenate([b[key] for b in batches])  # (36, 3, n)
+    assert keep[..., 0].all()
+    dropped = (~keep).sum(-1)
+    assert dropped.min() >= 0 and dropped.max() <= math.floor(0.2 * n)
+    assert len(np.unique(dropped)) > 3                          # a random count, not fixed
+    assert (dropped[:, 0] != dropped[:, 1]).any()               # independent per level
+  # Bounds reached: U{0..6} over many draws.
+  counts = {int((~pipeline.bmm_keep(34, 0.2, np.random.default_rng(s))).sum()) for s in range(300)}
+  assert counts == set(range(7))
+
+
+def test_determinism_and_seeds():
+  config = make_config()
+  a = take(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=7, shard_index=0,
+                                   shard_count=1), 3)
+  b = take(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=7, shard_index=0,
+                                   shard_count=1), 3)
+  c = take(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=8, shard_index=0,
+                                   shard_count=1), 3)
+  assert_batches_equal(a, b)
+  assert not np.array_equal(a[0]['images'], c[0]['images'])
+
+
+def test_shards_are_disjoint_rows_of_the_global_batch():
+  config = make_config()
+  full = take(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=2, shard_index=0,
+                                      shard_count=1), 3)
+  parts = [take(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=2, shard_index=i,
+                                        shard_count=2), 3) for i in range(2)]
+  for step in range(3):
+    assert parts[0][step]['images'].shape[0] == 3
+    joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in full[step]}
+    assert_batches_equal([joined], [full[step]])
+  with pytest.raises(ValueError, match='not divisible'):
+    pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=2, shard_index=0, shard_count=4)
+
+
+def test_resume_in_process_across_an_epoch():
+  config = make_config()
+  kw = dict(seed=11, shard_index=0, shard_count=1)
+  it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
+  first = take(it, 3)
+  state = it.get_state()
+  rest = take(it, 4)                      # steps 3..6 cross the epoch boundary (4 steps/epoch)
+  resumed = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 4), rest)
+  assert len(first) == 3
+
+
+def test_orbax_checkpoints_the_iterator(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  config = make_config()
+  kw = dict(seed=4, shard_index=0, shard_count=1)
+  it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
+  take(it, 2)
+  with ocp.CheckpointManager(tmp_path, item_names=('data',)) as mngr:
+    mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = take(it, 2)
+  fresh = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
+  with ocp.CheckpointManager(tmp_path, item_names=('data',)) as mngr:
+    restored = mngr.restore(2, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(fresh)))
+  assert_batches_equal(take(restored['data'], 2), expected)
+
+
+def test_worker_processes_match_in_process_and_resume():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  kw = dict(seed=5, shard_index=0, shard_count=1)
+  reference = take(pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), **kw), 5)
+  config = make_config(worker_count=2)
+  it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
+  try:
+    got = take(it, 2)
+    state = it.get_state()
+    got += take(it, 3)
+  finally:
+    it.close()
+  assert_batches_equal(got, reference)
+  resumed = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
+  try:
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 3), reference[2:])
+  finally:
+    resumed.close()
+
+
+def test_bad_records_and_config():
+  bad = [dict(r) for r in SOURCE]
+  bad[3] = {k: v for k, v in bad[3].items() if k != 'person_id'}
+  with pytest.raises(ValueError, match=r"record 3 \(imgs/12/3.png\).*person_id"):
+    pipeline.steps_per_epoch(make_config(), bad)
+  bad = [dict(r) for r in SOURCE]
+  bad[0]['phrases'] = bad[0]['phrases'][:1]
+  it = pipeline.train_iterator(make_config(), bad, CharTokenizer(), seed=0, shard_index=0,
+                               shard_count=1)
+  with pytest.raises(ValueError, match="'phrases' has 1 entries but captions has 2"):
+    take(it, 4)
+  with pytest.raises(ValueError, match='data.bmm_ratio'):
+    pipeline.train_iterator(make_config(bmm_ratio=1.5), SOURCE, CharTokenizer(), seed=0,
+                            shard_index=0, shard_count=1)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shard_count', [1, 2])
+def test_eval_covers_everything_once(shard_count):
+  config = make_config()
+  tok = CharTokenizer()
+  streams = [pipeline.eval_batches(config, SOURCE, tok, shard_index=i, shard_count=shard_count)
+             for i in range(shard_count)]
+  n_caps = sum(len(r['captions']) for r in SOURCE)
+  gallery, queries = [], []
+  for s in streams:
+    assert (s.num_images, s.num_queries) == (len(SOURCE), n_caps)
+    assert s.num_gallery_batches == streams[0].num_gallery_batches
+    g = list(s.gallery)
+    q = list(s.queries)
+    assert len(g) == s.num_gallery_batches and len(q) == s.num_query_batches
+    for b in g:
+      assert b['images'].shape == (4, 96, 32, 3) and b['images'].dtype == np.uint8
+      assert b['valid'].dtype == np.bool_ and b['person_id'].dtype == np.int32
+    for b in q:
+      assert b['text_ids'].shape == (4, 128) and b['text_mask'].dtype == np.int32
+    gallery += g
+    queries += q
+  g_index = np.concatenate([b['index'] for b in gallery])
+  g_valid = np.concatenate([b['valid'] for b in gallery])
+  assert sorted(g_index[g_valid]) == list(range(len(SOURCE)))
+  assert (g_index[~g_valid] == -1).all() and (~g_valid).sum() == len(g_valid) - len(SOURCE)
+  assert len(g_valid) % (4 * shard_count) == 0
+  g_pid = np.concatenate([b['person_id'] for b in gallery])
+  assert (g_pid[g_valid] == [SOURCE[i]['person_id'] for i in g_index[g_valid]]).all()
+  assert (g_pid[~g_valid] == -1).all()
+  first = next(b for b in gallery if b['index'][0] == 0)
+  np.testing.assert_array_equal(first['images'][0],
+                                augment.eval_image(SOURCE[0]['image'], (96, 32)))
+  q_index = np.concatenate([b['index'] for b in queries])
+  q_valid = np.concatenate([b['valid'] for b in queries])
+  assert sorted(q_index[q_valid]) == list(range(n_caps))
+  texts = [CharTokenizer.decode(t) for b in queries for t in b['text_ids']]
+  image_index = np.concatenate([b['image_index'] for b in queries])
+  q_pid = np.concatenate([b['person_id'] for b in queries])
+  valid_texts = [t for t, v in zip(texts, q_valid) if v]
+  assert sorted(valid_texts) == sorted(CAPTIONS)
+  for t, i, p in zip(valid_texts, image_index[q_valid], q_pid[q_valid]):
+    assert CAPTIONS[t][0] == i and SOURCE[i]['person_id'] == p
+  assert (q_pid[~q_valid] == -1).all()
