@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.min_lr = 1e-5
   c.optim.grad_clip_norm = 0.0        # 0 = off
   c.num_epochs = 120
+  c.total_steps = 0                   # 0 = num_epochs x steps per epoch; > 0 stops there (the schedule
+                                      # still spans num_epochs)
 
   # ---- runtime ----------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -143,34 +143,28 @@ class WordPieceTokenizer(TextTokenizer):
     path = os.fspath(path)
     _require_file(path, 'WordPiece vocab.txt (config key data.vocab_file)')
     with open(path, 'rb') as f:
-      raw = f.read()
-    vocab = _read_wordpiece_vocab(raw, path)
-    self._vocab_bytes = raw
+      self._setup(path, f.read())
+
+  def _setup(self, path: str, vocab_bytes: bytes) -> None:
+    vocab = _read_wordpiece_vocab(vocab_bytes, path)
+    self._vocab_bytes = vocab_bytes
     self._tok = _build_wordpiece(vocab)
-    specials = {s: vocab[s] for s in _WORDPIECE_SPECIALS if s in vocab}
-    super().__init__(path, self._tok.get_vocab_size(with_added_tokens=True), specials['[CLS]'],
-                     specials['[SEP]'], hashlib.sha256('\n'.join(vocab).encode('utf-8')).hexdigest())
-    self._special_ids = frozenset(specials.values())
+    fingerprint = hashlib.sha256('\n'.join(vocab).encode('utf-8')).hexdigest()
+    super().__init__(path, self._tok.get_vocab_size(with_added_tokens=True), vocab['[CLS]'], vocab['[SEP]'],
+                     fingerprint)
 
   def pieces(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def _decode_one(self, ids: list[int]) -> str:
-    return self._tok.decode([i for i in ids if i not in self._special_ids], skip_special_tokens=True)
+    return self._tok.decode(ids, skip_special_tokens=True)
 
   def __getstate__(self):
     return {'path': self._path, 'vocab_bytes': self._vocab_bytes}
 
   def __setstate__(self, state):
-    # Rebuilt from the bytes read at load time: workers need not see the file.
-    vocab = _read_wordpiece_vocab(state['vocab_bytes'], state['path'])
-    self._vocab_bytes = state['vocab_bytes']
-    self._tok = _build_wordpiece(vocab)
-    specials = {s: vocab[s] for s in _WORDPIECE_SPECIALS if s in vocab}
-    TextTokenizer.__init__(self, state['path'], self._tok.get_vocab_size(with_added_tokens=True),
-                           specials['[CLS]'], specials['[SEP]'],
-                           hashlib.sha256('\n'.join(vocab).encode('utf-8')).hexdigest())
-    self._special_ids = frozenset(specials.values())
+    # Rebuilt from the bytes read at load time: worker processes need not see the file.
+    self._setup(state['path'], state['vocab_bytes'])
 
 
 def _read_wordpiece_vocab(raw: bytes, path: str) -> dict[str, int]:
@@ -232,7 +226,8 @@ class SentencePieceTokenizer(TextTokenizer):
                        f'(got pad={sp.pad_id()}, bos={sp.bos_id()}, eos={sp.eos_id()}); train it with '
                        'train_sentencepiece')
     self._sp = sp
-    super().__init__(path, sp.get_piece_size(), sp.bos_id(), sp.eos_id(), _sentencepiece_fingerprint(model_bytes))
+    super().__init__(path, sp.get_piece_size(), sp.bos_id(), sp.eos_id(),
+                     _sentencepiece_fingerprint(model_bytes))
     self._special_ids = frozenset({sp.pad_id(), sp.bos_id(), sp.eos_id()})
 
   def pieces(self, texts: Sequence[str]) -> list[list[int]]:
@@ -259,7 +254,8 @@ def _sentencepiece_fingerprint(model_bytes: bytes) -> str:
 def train_sentencepiece(texts: Iterable[str], out_prefix: str, vocab_size: int) -> str:
   """Trains a unigram SentencePiece model on captions.
 
-  Lower-cases through the nmt_nfkc_cf normalization rule; pad=0, unk=1, bos=2, eos=3. One thread and
+  Lower-cases through the nmt_nfkc_cf normalization rule; pad=0, unk=1, bos=2, eos=3; every character
+  of the texts is covered (no unknown piece for the training texts). One thread and
   no sampling or shuffling of the input, so that the same texts give the same model. When the texts
   are too few for `vocab_size` pieces, the size is lowered to the largest the trainer accepts, with a
   warning.
@@ -273,7 +269,8 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str, vocab_size: int) 
     Path of the .model file.
   """
   if vocab_size <= SP_EOS_ID + 1:
-    raise ValueError(f'vocab_size (data.sentencepiece_vocab_size) must exceed {SP_EOS_ID + 1}, got {vocab_size}')
+    raise ValueError(f'vocab_size (data.sentencepiece_vocab_size) must exceed {SP_EOS_ID + 1}, '
+                     f'got {vocab_size}')
   out_prefix = os.fspath(out_prefix)
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   # Held in memory (a few MB for the largest caption set) so that a retry with a smaller size reads
@@ -299,9 +296,10 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str, vocab_size: int) 
         raise
       smaller = int(m.group(2))
       if smaller <= SP_EOS_ID + 1:
-        raise ValueError(f'{len(lines)} texts are too few for a SentencePiece model ({smaller} pieces at most)') from e
+        raise ValueError(f'{len(lines)} texts are too few for a SentencePiece model '
+                         f'({smaller} pieces at most)') from e
       _LOG.warning('SentencePiece: %d texts support at most %d pieces; vocab_size lowered from %d to %d '
-                      'for %s.model', len(lines), smaller, size, smaller, out_prefix)
+                   'for %s.model', len(lines), smaller, size, smaller, out_prefix)
       size = smaller
   return out_prefix + '.model'
 
@@ -313,6 +311,7 @@ def _run_trainer(lines: list[str], out_prefix: str, vocab_size: int) -> None:
       model_type='unigram',
       vocab_size=vocab_size,
       normalization_rule_name='nmt_nfkc_cf',
+      character_coverage=1.0,  # every character of the (English) captions gets a piece
       pad_id=SP_PAD_ID, unk_id=SP_UNK_ID, bos_id=SP_BOS_ID, eos_id=SP_EOS_ID,
       pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>', eos_piece='</s>',
       num_threads=1,

@@ -1,0 +1,121 @@
+"""Orbax checkpoints: the training state with the Grain iterator state, resume, and best-by-validation params.
+
+Layouts (each an Orbax CheckpointManager directory of numbered steps):
+  <workdir>/checkpoints/<step>/{state, data_iter, meta}   training: params, optimizer state, step, rng; the
+                                                          input iterator's position; run metadata (json)
+  <workdir>/best/<step>/{params, meta}                    the parameters with the best validation score
+  <dir>/<step>/{params, meta}                             what `ivt_jax.tools.convert` writes
+`restore_params` reads any of the three (for a workdir: best if present, else the latest training state).
+"""
+import os
+from typing import Any, Optional
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def _abs(path: str) -> str:
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def training_manager(workdir: str, *, save_every: int, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.join(_abs(workdir), 'checkpoints'), options=options,
+                               item_names=('state', 'data_iter', 'meta'))
+
+
+def params_manager(directory: str, max_to_keep: Optional[int] = 1) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(_abs(directory), options=options, item_names=('params', 'meta'))
+
+
+def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_iter, meta: dict,
+                  force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data_iter=grain.checkpoint.CheckpointSave(data_iter),
+      meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def restore_training(manager: ocp.CheckpointManager, abstract_state: Any, data_iter):
+  """-> (state, meta) from the latest step, the iterator restored in place; None if there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+      meta=ocp.args.JsonRestore()))
+  return restored.state, restored.meta
+
+
+def save_params(manager: ocp.CheckpointManager, step: int, params: Any, meta: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                             meta=ocp.args.JsonSave(meta)), force=True)
+  manager.wait_until_finished()
+
+
+def _check_tree(restored: Any, abstract: Any, where: str) -> None:
+  want = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
+  got = {jax.tree_util.keystr(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_leaves_with_path(restored)}
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  mismatched = sorted(k for k in set(want) & set(got) if tuple(want[k]) != got[k])
+  if missing or unexpected or mismatched:
+    lines = [f'parameters in {where} do not match the configured model:']
+    lines += [f'  missing: {k} {want[k]}' for k in missing]
+    lines += [f'  unexpected: {k} {got[k]}' for k in unexpected]
+    lines += [f'  shape: {k} checkpoint {got[k]} vs model {tuple(want[k])}' for k in mismatched]
+    raise ValueError('\n'.join(lines))
+
+
+def restore_params(path: str, abstract_params: Any, shardings: Any = None) -> tuple[Any, dict]:
+  """Parameters (and the saved meta) from a workdir, a best/ or convert directory, or a training checkpoints/ dir.
+
+  `abstract_params`: the model's parameter tree of ShapeDtypeStructs; a structure or shape difference is an
+  error that lists every difference.
+  """
+  path = _abs(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'checkpoint directory {path} does not exist')
+  candidates = [os.path.join(path, 'best'), path, os.path.join(path, 'checkpoints')]
+  for directory in candidates:
+    if not os.path.isdir(directory):
+      continue
+    steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp, 'utils') else []
+    if not steps:
+      continue
+    step = max(steps)
+    items = set(os.listdir(os.path.join(directory, str(step))))
+    manager = ocp.CheckpointManager(directory, item_names=tuple(sorted(items & {'params', 'state', 'meta'})))
+    if shardings is None:
+      shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                                         abstract_params)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta \
+        if 'meta' in items else {}
+    if 'params' in items:
+      raw = manager.item_metadata(step)['params']
+      tree = getattr(raw, 'tree', raw)
+      _check_tree(tree, abstract_params, f'{directory}/{step}/params')
+      params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    elif 'state' in items:
+      raw = manager.item_metadata(step)['state']
+      tree = getattr(raw, 'tree', raw)
+      _check_tree(tree['params'], abstract_params, f'{directory}/{step}/state')
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={'params': target},
+          restore_args={'params': jax.tree_util.tree_map(
+              lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)},
+          partial_restore=True))).state
+      params = state['params']
+    else:
+      continue
+    logging.info('restored parameters from %s step %d', directory, step)
+    return params, dict(meta or {}, step=int(step), directory=directory)
+  raise FileNotFoundError(f'no Orbax checkpoint with parameters under {path} (looked in '
+                          f'{", ".join(candidates)})')

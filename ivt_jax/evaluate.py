@@ -1,0 +1,142 @@
+"""Evaluation: embed a split's gallery (each image once) and queries (each caption once), rank, metrics.
+
+  python -m ivt_jax.evaluate --config=configs/cuhk.py --checkpoint=DIR [--split=test] [--workdir=DIR]
+
+DIR is a training workdir (its best-by-validation parameters, else its latest state), a best/ directory or
+what `ivt_jax.tools.convert` writes. Metrics are text-to-image, in percent (see ivt_jax.metrics).
+"""
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from ivt_jax import metrics as metrics_lib
+from ivt_jax import model as model_lib
+from ivt_jax import sharding as sharding_lib
+from ivt_jax import step as step_lib
+
+
+class Embedder:
+  """Jitted, batch-sharded embedding functions for one model and mesh."""
+
+  def __init__(self, encoder: model_lib.Encoder, mesh: jax.sharding.Mesh, param_shardings):
+    batch = sharding_lib.batch_sharding(mesh)
+    self.mesh = mesh
+    self.images = jax.jit(functools.partial(step_lib.embed_images, encoder=encoder),
+                          in_shardings=(param_shardings, batch), out_shardings=batch)
+    self.texts = jax.jit(functools.partial(step_lib.embed_texts, encoder=encoder),
+                         in_shardings=(param_shardings, batch, batch), out_shardings=batch)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded global array -> the full numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def embed_split(params, embedder: Embedder, eval_data, log_every: int = 20) -> dict:
+  """-> dict(image_emb (G, D), image_pid (G,), image_index (G,), text_emb (Q, D), text_pid, text_index,
+  text_image_index), in record order, padding removed. Logs progress."""
+  out = {}
+  streams = (('gallery', eval_data.gallery, eval_data.num_gallery_batches),
+             ('queries', eval_data.queries, eval_data.num_query_batches))
+  for name, stream, total in streams:
+    chunks, t0 = [], time.time()
+    for i, batch in enumerate(stream):
+      glob = sharding_lib.global_batch(batch, embedder.mesh)
+      if name == 'gallery':
+        emb = embedder.images(params, glob['images'])
+      else:
+        emb = embedder.texts(params, glob['text_ids'], glob['text_mask'])
+      keys = [k for k in ('person_id', 'index', 'image_index', 'valid') if k in glob]
+      chunks.append({'emb': _gather(emb), **{k: _gather(glob[k]) for k in keys}})
+      if (i + 1) % log_every == 0 or i + 1 == total:
+        logging.info('embedding %s: batch %d/%d (%.1f batches/s)', name, i + 1, total,
+                     (i + 1) / max(time.time() - t0, 1e-9))
+    cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    valid = cat.pop('valid')
+    order = np.argsort(cat['index'][valid], kind='stable')
+    cat = {k: v[valid][order] for k, v in cat.items()}
+    if name == 'gallery':
+      out.update(image_emb=cat['emb'], image_pid=cat['person_id'], image_index=cat['index'])
+    else:
+      out.update(text_emb=cat['emb'], text_pid=cat['person_id'], text_index=cat['index'],
+                 text_image_index=cat['image_index'])
+  return out
+
+
+def similarity(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:
+  """Cosine similarity (Q, G) of L2-normalized embeddings."""
+  return np.asarray(jnp.asarray(text_emb) @ jnp.asarray(image_emb).T)
+
+
+def evaluate_embeddings(emb: dict) -> tuple[dict, np.ndarray]:
+  sim = similarity(emb['text_emb'], emb['image_emb'])
+  return metrics_lib.retrieval_metrics(sim, emb['text_pid'], emb['image_pid']), sim
+
+
+def build(config: ml_collections.ConfigDict, workdir: str):
+  """Prepared data, tokenizer, encoder (vocab from the tokenizer), mesh and abstract params for a config."""
+  from input_pipeline import prepare as prepare_lib
+  from input_pipeline import tokenizers as tokenizers_lib
+  prepared = prepare_lib.prepare(config, workdir)
+  tokenizer = tokenizers_lib.load_tokenizer(prepared.tokenizer, prepared.tokenizer_path)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.vocab_size = int(tokenizer.vocab_size)
+  cfg = model_lib.encoder_config(config)
+  encoder = model_lib.Encoder(cfg)
+  mesh = sharding_lib.make_mesh(config)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  shardings = sharding_lib.param_shardings(abstract, mesh)
+  return config, prepared, tokenizer, encoder, mesh, abstract, shardings
+
+
+def run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer, split: str):
+  """Embeds and scores one split -> (metrics, embeddings, similarity, source)."""
+  from input_pipeline import pipeline as pipeline_lib
+  from input_pipeline import prepare as prepare_lib
+  source = prepare_lib.open_split(prepared, split)
+  data = pipeline_lib.eval_batches(config, source, tokenizer, shard_index=jax.process_index(),
+                                   shard_count=jax.process_count())
+  emb = embed_split(params, Embedder(encoder, mesh, shardings), data)
+  metrics, sim = evaluate_embeddings(emb)
+  return metrics, emb, sim, source
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from ivt_jax import checkpoints
+  config = FLAGS.config
+  workdir = FLAGS.workdir or FLAGS.checkpoint
+  config, prepared, tokenizer, encoder, mesh, abstract, shardings = build(config, workdir)
+  params, meta = checkpoints.restore_params(FLAGS.checkpoint, abstract, shardings)
+  metrics, emb, sim, source = run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer,
+                                             FLAGS.split)
+  line = ' '.join(f'{k}={v:.2f}' for k, v in metrics.items())
+  logging.info('%s (%d queries, %d images): %s', FLAGS.split, len(emb['text_pid']), len(emb['image_pid']), line)
+  print(f'{FLAGS.split}: {line}')
+  if FLAGS.output and jax.process_index() == 0:
+    with open(FLAGS.output, 'w') as f:
+      json.dump({'split': FLAGS.split, 'checkpoint': meta, **metrics}, f, indent=2)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'Workdir, best/ or converted checkpoint directory.')
+  flags.DEFINE_string('split', 'test', 'Split to evaluate: train | val | test.')
+  flags.DEFINE_string('workdir', '', 'Where prepared data lives (default: the checkpoint directory).')
+  flags.DEFINE_string('output', '', 'Optional JSON file for the metrics.')
+  flags.mark_flags_as_required(['config', 'checkpoint'])
+  app.run(main)

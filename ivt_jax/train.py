@@ -1,0 +1,248 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Prepares what is missing, trains with the sharded step, checkpoints (state + input iterator) every
+`checkpoint_every_steps` and on SIGTERM, evaluates on val every `eval_every_epochs` and keeps the best
+parameters by validation R@1 (never selecting on test), then evaluates those on test and writes
+<workdir>/metrics.json, the metric writer's scalars and <workdir>/retrieval.png. Restarting the same command
+resumes from the latest checkpoint.
+"""
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from ivt_jax import checkpoints
+from ivt_jax import evaluate as evaluate_lib
+from ivt_jax import model as model_lib
+from ivt_jax import optim
+from ivt_jax import sharding as sharding_lib
+from ivt_jax import step as step_lib
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls (all processes agree on it)."""
+
+  def __init__(self):
+    self.flag = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.flag = True
+
+  def reached(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    return bool(multihost_utils.process_allgather(np.int32(self.flag)).max())
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _resolve_data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.data.synthetic.enabled and not config.data.manual_dir:
+    config.data.manual_dir = os.path.join(workdir, 'synthpedes')
+  return config
+
+
+def _state_shardings(abstract_state, tx, param_shardings, mesh):
+  replicated = sharding_lib.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                              transform_non_params=lambda _: replicated)
+  return step_lib.TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
+
+
+def _init_params(config, cfg, shardings, rng):
+  params = jax.jit(functools.partial(model_lib.init_params, cfg), out_shardings=shardings)(rng)
+  if any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
+    from ivt_jax import pretrained
+    params, report = pretrained.load_pretrained(config, jax.device_get(params))
+    logging.info('pretrained weights:\n%s', report)
+    params = jax.device_put(params, shardings)
+  return params
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the experiment; returns the final metrics dict (also in <workdir>/metrics.json)."""
+  from input_pipeline import pipeline as pipeline_lib
+  from input_pipeline import prepare as prepare_lib
+
+  t_start = time.time()
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  config = _resolve_data_paths(config, workdir)
+  config, prepared, tokenizer, encoder, mesh, abstract, shardings = evaluate_lib.build(config, workdir)
+  logging.info('mesh %s, %d processes; prepared %s', dict(mesh.shape), jax.process_count(), prepared)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+  train_source = prepare_lib.open_split(prepared, 'train')
+  steps_per_epoch = pipeline_lib.steps_per_epoch(config, train_source)
+  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+  eval_every = max(1, config.eval_every_epochs * steps_per_epoch)
+  global_batch = config.data.ids_per_batch * config.data.images_per_id
+  if global_batch % jax.process_count():
+    raise ValueError(f'data.ids_per_batch x data.images_per_id = {global_batch} is not divisible by the '
+                     f'{jax.process_count()} processes')
+  if global_batch % mesh.size:
+    raise ValueError(f'the batch of {global_batch} samples does not split over the {mesh.size} devices '
+                     '(data.ids_per_batch x data.images_per_id must be a multiple of the device count)')
+  logging.info('%d steps per epoch, %d steps, %d samples (x3 MLA levels) per step', steps_per_epoch,
+               total_steps, global_batch)
+
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(lambda p: step_lib.create_state(p, tx, rng), abstract)
+  state_shardings = _state_shardings(abstract_state, tx, shardings, mesh)
+  data_iter = pipeline_lib.train_iterator(config, train_source, tokenizer, seed=config.seed,
+                                          shard_index=jax.process_index(), shard_count=jax.process_count())
+  manager = checkpoints.training_manager(workdir, save_every=config.checkpoint_every_steps,
+                                         max_to_keep=config.max_checkpoints)
+  best_manager = checkpoints.params_manager(os.path.join(workdir, 'best'))
+  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+  restored = checkpoints.restore_training(manager, target, data_iter)
+  if restored is None:
+    params = _init_params(config, encoder.cfg, shardings, rng)
+    state = jax.jit(lambda p: step_lib.create_state(p, tx, rng), out_shardings=state_shardings)(params)
+    meta = {'best_val': None, 'best_step': None}
+  else:
+    state, meta = restored
+    logging.info('resumed from step %d', int(state.step))
+
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule),
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+  embed_args = (config, encoder, mesh, shardings, prepared, tokenizer)
+  has_val = prepared.split_sizes.get('val', 0) > 0
+
+  def run_eval(params, split):
+    metrics, emb, sim, source = evaluate_lib.run_evaluation(config, params, *embed_args[1:], split)
+    return metrics, emb, sim, source
+
+  def save_meta(step):
+    return dict(meta, step=int(step), config=config.to_dict(), tokenizer=tokenizer.identity())
+
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  preemption = _Preemption()
+  step = int(state.step)
+  pending = None  # metrics of the previous step, checked one step late to keep dispatch asynchronous
+  t_log, step_log = time.time(), step
+
+  def check(pending):
+    m_step, m = pending
+    m = jax.device_get(m)
+    if not m['finite'] > 0:
+      raise NonFiniteError(f'non-finite loss or gradient at step {m_step} (loss={m["loss"]}, '
+                           f'grad_norm={m["grad_norm"]}); training stopped, the last good checkpoint is kept '
+                           f'(latest saved step: {manager.latest_step()})')
+    return m
+
+  try:
+    while step < total_steps:
+      batch = sharding_lib.global_batch(next(data_iter), mesh)
+      state, m = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        last = check(pending)
+      pending = (step, m)
+      report(step)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        last = check(pending)
+        elapsed = time.time() - t_log
+        pairs_per_s = (step - step_log) * global_batch * step_lib.LEVELS / max(elapsed, 1e-9)
+        writer.write_scalars(step, {'train/loss': float(last['loss']),
+                                    'train/grad_norm': float(last['grad_norm']),
+                                    'train/learning_rate': float(last['learning_rate']),
+                                    'train/pairs_per_second': pairs_per_s})
+        t_log, step_log = time.time(), step
+      if has_val and (step % eval_every == 0 or step == total_steps):
+        check(pending)
+        val, *_ = run_eval(state.params, 'val')
+        writer.write_scalars(step, {f'val/{k}': v for k, v in val.items()})
+        logging.info('step %d val: %s', step, val)
+        if meta['best_val'] is None or val['r1'] > meta['best_val']['r1']:
+          meta.update(best_val=val, best_step=step)
+          checkpoints.save_params(best_manager, step, state.params, save_meta(step))
+      if preemption.reached():
+        check(pending)
+        checkpoints.save_training(manager, step, state, data_iter, save_meta(step), force=True)
+        manager.wait_until_finished()
+        logging.warning('checkpoint saved at step %d after SIGTERM; exiting.', step)
+        return {'preempted_at_step': step}
+      if manager.should_save(step) or step == total_steps:
+        check(pending)
+        checkpoints.save_training(manager, step, state, data_iter, save_meta(step))
+    if pending is not None:
+      check(pending)
+    manager.wait_until_finished()
+  finally:
+    preemption.restore()
+
+  # Final: the best-by-validation parameters (or the last ones without a val split) on test.
+  params = state.params
+  if has_val and best_manager.latest_step() is not None:
+    params, _ = checkpoints.restore_params(os.path.join(workdir, 'best'), abstract, shardings)
+  test, emb, sim, source = run_eval(params, 'test')
+  writer.write_scalars(total_steps, {f'test/{k}': v for k, v in test.items()})
+  writer.flush()
+  result = {'test': test, 'best_val': meta['best_val'], 'best_step': meta['best_step'],
+            'steps': total_steps, 'seconds': time.time() - t_start}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+    _retrieval_picture(config, emb, sim, source, os.path.join(workdir, 'retrieval.png'))
+  logging.info('test: %s', ' '.join(f'{k}={v:.2f}' for k, v in test.items()))
+  return result
+
+
+def _retrieval_picture(config, emb, sim, source, path):
+  from ivt_jax import visualize
+  from input_pipeline import prepare as prepare_lib
+  records = {}
+  def record(i):
+    if i not in records:
+      records[i] = prepare_lib.decode_example(source[int(i)])
+    return records[i]
+  rng = np.random.default_rng(config.seed)
+  queries = rng.choice(len(emb['text_pid']), size=min(config.num_retrieval_examples, len(emb['text_pid'])),
+                       replace=False)
+  captions, ranked, hits = [], [], []
+  for q in queries:
+    rec = record(emb['text_image_index'][q])
+    captions.append(_caption_of(rec, emb, q))
+    top = np.argsort(-sim[q], kind='stable')[:10]
+    ranked.append([record(emb['image_index'][g])['image'] for g in top])
+    hits.append([bool(emb['image_pid'][g] == emb['text_pid'][q]) for g in top])
+  h, w = config.data.image_size
+  cell = (128, max(16, int(round(128 * w / h))))
+  visualize.retrieval_grid(captions, ranked, hits, cell=cell).save(path)
+  logging.info('retrieval picture: %s', path)
+
+
+def _caption_of(rec, emb, q):
+  """The caption text of query q: queries are numbered over all captions in record order."""
+  same_record = np.flatnonzero(emb['text_image_index'] == emb['text_image_index'][q])
+  position = int(np.searchsorted(emb['text_index'][same_record], emb['text_index'][q]))
+  return str(rec['captions'][position])

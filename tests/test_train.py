@@ -1,0 +1,140 @@
+"""End to end: the training program on a tiny SynthPEDES (few steps, tiny model)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_demo(data_root):
+  c = demo.get_config()
+  c.data.manual_dir = os.path.join(data_root, 'synth')
+  c.data.data_dir = os.path.join(data_root, 'tfds')
+  c.data.synthetic.update(num_ids=24, images_per_id=2, image_size=(48, 24), val_ids=4, test_ids=6)
+  c.data.image_size = (32, 16)
+  c.data.text_length = 32
+  c.data.sentencepiece_vocab_size = 200
+  c.data.ids_per_batch = 4
+  c.data.images_per_id = 2
+  c.model.update(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, stride=8)
+  c.num_epochs = 2
+  c.eval_every_epochs = 1000
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.eval_batch_size = 16
+  return c
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+def _final_params(workdir):
+  from ivt_jax import checkpoints
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state',))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  del checkpoints
+  return step, restored.state['params']
+
+
+def _assert_trees(a, b, atol=0.0):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.mark.slow
+def test_end_to_end_and_exact_resume(data_root, tmp_path):
+  from ivt_jax import train
+  c = tiny_demo(data_root)
+  c.total_steps = 6
+  full = str(tmp_path / 'full')
+  result = train.train_and_evaluate(c, full)
+  assert set(result['test']) == {'r1', 'r5', 'r10', 'mAP', 'mINP'}
+  saved = json.load(open(os.path.join(full, 'metrics.json')))
+  assert saved['test'] == pytest.approx(result['test'])
+  assert os.path.exists(os.path.join(full, 'retrieval.png'))
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(full))
+  step, params_full = _final_params(full)
+  assert step == 6
+  # Interrupted: 3 steps, then the same run continued to 6 from its checkpoint.
+  half = str(tmp_path / 'half')
+  c.total_steps = 3
+  train.train_and_evaluate(c, half)
+  c.total_steps = 6
+  train.train_and_evaluate(c, half)
+  step, params_resumed = _final_params(half)
+  assert step == 6
+  _assert_trees(params_full, params_resumed)
+
+
+@pytest.mark.slow
+def test_fsdp_on_8_devices_matches_one_device(data_root, tmp_path):
+  from ivt_jax import train
+  assert jax.device_count() == 8
+  c = tiny_demo(data_root)
+  c.total_steps = 3
+  c.mesh.data, c.mesh.fsdp = 1, 1
+  train.train_and_evaluate(c, str(tmp_path / 'one'))
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  train.train_and_evaluate(c, str(tmp_path / 'eight'))
+  _, p1 = _final_params(str(tmp_path / 'one'))
+  _, p8 = _final_params(str(tmp_path / 'eight'))
+  _assert_trees(p1, p8, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_step(data_root, tmp_path):
+  from ivt_jax import train
+  c = tiny_demo(data_root)
+  c.total_steps = 6
+  c.optim.lr = 1e30
+  c.optim.warmup_init_lr = 1e30
+  with pytest.raises(train.NonFiniteError, match=r'non-finite loss or gradient at step \d'):
+    train.train_and_evaluate(c, str(tmp_path / 'nan'))
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_restorable_checkpoint(data_root, tmp_path):
+  workdir = str(tmp_path / 'sig')
+  c = tiny_demo(data_root)
+  args = [sys.executable, '-m', 'ivt_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+          f'--config.data.manual_dir={c.data.manual_dir}', f'--config.data.data_dir={c.data.data_dir}',
+          '--config.data.synthetic.num_ids=24', '--config.data.synthetic.images_per_id=2',
+          '--config.data.synthetic.image_size=(48, 24)', '--config.data.synthetic.val_ids=4',
+          '--config.data.synthetic.test_ids=6', '--config.data.image_size=(32, 16)',
+          '--config.data.text_length=32', '--config.data.sentencepiece_vocab_size=200',
+          '--config.data.ids_per_batch=4', '--config.data.images_per_id=2', '--config.model.width=32',
+          '--config.model.depth=1', '--config.model.num_heads=2', '--config.model.mlp_dim=64',
+          '--config.model.patch_size=8', '--config.model.stride=8', '--config.num_epochs=1000',
+          '--config.eval_every_epochs=100000', '--config.checkpoint_every_steps=1000000',
+          '--config.log_every_steps=1', '--config.mesh.data=1']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  deadline = time.time() + 300
+  for line in proc.stdout:
+    lines.append(line)
+    if 'train/loss' in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  text = ''.join(lines) + out
+  assert proc.returncode == 0, text[-3000:]
+  assert 'SIGTERM received' in text
+  step, params = _final_params(workdir)
+  assert step >= 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
