@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic.image_size = (0, 0)
   c.data.synthetic.val_ids = 0
   c.data.synthetic.test_ids = 0
+  c.data.synthetic.hard_negative_fraction = 0.25
   c.data.image_size = (384, 128)      # (H, W) after resize
   c.data.text_length = 64             # tokens incl. [CLS]/[SEP], padded
   c.data.tokenizer = 'wordpiece'      # wordpiece (bert-base-uncased vocab.txt) | sentencepiece (trained)

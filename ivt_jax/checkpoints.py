@@ -53,6 +53,9 @@ def restore_training(manager: ocp.CheckpointManager, abstract_state: Any, data_i
 
 
 def save_params(manager: ocp.CheckpointManager, step: int, params: Any, meta: dict) -> None:
+  """Saves (replacing an earlier save of the same step, e.g. re-evaluated after a resume)."""
+  if step in manager.all_steps():
+    manager.delete(step)
   manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                              meta=ocp.args.JsonSave(meta)), force=True)
   manager.wait_until_finished()
@@ -60,7 +63,8 @@ def save_params(manager: ocp.CheckpointManager, step: int, params: Any, meta: di
 
 def _check_tree(restored: Any, abstract: Any, where: str) -> None:
   want = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
-  got = {jax.tree_util.keystr(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_leaves_with_path(restored)}
+  got = {jax.tree_util.keystr(p): tuple(getattr(a, 'shape', None) or np.shape(a))
+         for p, a in jax.tree_util.tree_leaves_with_path(restored)}
   missing = sorted(set(want) - set(got))
   unexpected = sorted(set(got) - set(want))
   mismatched = sorted(k for k in set(want) & set(got) if tuple(want[k]) != got[k])
@@ -89,8 +93,10 @@ def restore_params(path: str, abstract_params: Any, shardings: Any = None) -> tu
     if not steps:
       continue
     step = max(steps)
-    items = set(os.listdir(os.path.join(directory, str(step))))
-    manager = ocp.CheckpointManager(directory, item_names=tuple(sorted(items & {'params', 'state', 'meta'})))
+    items = set(os.listdir(os.path.join(directory, str(step)))) & {'params', 'state', 'meta'}
+    handlers = {k: ocp.JsonCheckpointHandler() if k == 'meta' else ocp.StandardCheckpointHandler()
+                for k in items}
+    manager = ocp.CheckpointManager(directory, item_handlers=handlers)
     if shardings is None:
       shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                                          abstract_params)
