@@ -92,10 +92,9 @@ def build(config: ml_collections.ConfigDict, workdir: str):
   tokenizer = tokenizers_lib.load_tokenizer(prepared.tokenizer, prepared.tokenizer_path)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.vocab_size = int(tokenizer.vocab_size)
-  cfg = model_lib.encoder_config(config)
-  encoder = model_lib.Encoder(cfg)
+  encoder = model_lib.build(config)
   mesh = sharding_lib.make_mesh(config)
-  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  abstract = jax.eval_shape(lambda: model_lib.init_module_params(encoder, jax.random.key(0)))
   shardings = sharding_lib.param_shardings(abstract, mesh)
   return config, prepared, tokenizer, encoder, mesh, abstract, shardings
 

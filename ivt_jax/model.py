@@ -280,12 +280,25 @@ class Encoder(nn.Module):
     return self.embed_images(images, train=train), self.embed_texts(ids, mask, train=train)
 
 
-def init_params(cfg: EncoderConfig, rng: jax.Array):
-  """Fresh float32 parameters of the encoder (no data needed)."""
-  h, w = cfg.image_size
+def build(config: ml_collections.ConfigDict) -> nn.Module:
+  """The model selected by config.model.head: 'ivt' (the encoder; CLS embeddings)."""
+  cfg = encoder_config(config)
+  if config.model.head == 'ivt':
+    return Encoder(cfg)
+  raise ValueError(f"model.head must be 'ivt', got {config.model.head!r}")
+
+
+def init_module_params(module: nn.Module, rng: jax.Array):
+  """Fresh float32 parameters of a model whose __call__(images, ids, mask) runs both modalities."""
+  h, w = module.cfg.image_size
   images = jnp.zeros((1, h, w, 3), jnp.float32)
   ids = jnp.zeros((1, 8), jnp.int32)
-  return Encoder(cfg).init({'params': rng}, images, ids, jnp.ones_like(ids))['params']
+  return module.init({'params': rng}, images, ids, jnp.ones_like(ids))['params']
+
+
+def init_params(cfg: EncoderConfig, rng: jax.Array):
+  """Fresh float32 parameters of the encoder (no data needed)."""
+  return init_module_params(Encoder(cfg), rng)
 
 
 def count_params(params) -> int:

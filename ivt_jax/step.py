@@ -44,9 +44,10 @@ def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder):
 
 
 def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
-               tx: optax.GradientTransformation, schedule: optax.Schedule):
+               tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int):
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged (the step
   still counts) and sets metrics['finite'] = 0 for the loop to stop on."""
+  del steps_per_epoch  # used by heads whose losses start at a given epoch
   rng = jax.random.fold_in(state.rng, state.step)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng, encoder)
   grad_norm = optax.global_norm(grads)

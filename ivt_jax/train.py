@@ -72,8 +72,8 @@ def _state_shardings(abstract_state, tx, param_shardings, mesh):
   return step_lib.TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
 
 
-def _init_params(config, cfg, shardings, rng):
-  params = jax.jit(functools.partial(model_lib.init_params, cfg), out_shardings=shardings)(rng)
+def _init_params(config, module, shardings, rng):
+  params = jax.jit(functools.partial(model_lib.init_module_params, module), out_shardings=shardings)(rng)
   if any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
     from ivt_jax import pretrained
     params, report = pretrained.load_pretrained(config, jax.device_get(params))
@@ -122,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   abstract_state, state_shardings)
   restored = checkpoints.restore_training(manager, target, data_iter)
   if restored is None:
-    params = _init_params(config, encoder.cfg, shardings, rng)
+    params = _init_params(config, encoder, shardings, rng)
     state = jax.jit(lambda p: step_lib.create_state(p, tx, rng), out_shardings=state_shardings)(params)
     meta = {'best_val': None, 'best_step': None}
   else:
@@ -130,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('resumed from step %d', int(state.step))
 
   train_step = jax.jit(
-      functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule),
+      functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
+                        steps_per_epoch=steps_per_epoch),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
   embed_args = (config, encoder, mesh, shardings, prepared, tokenizer)
