@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.sentencepiece_vocab_size = 4000
   c.data.ids_per_batch = 7            # P identities x K images = samples per step (x3 MLA levels)
   c.data.images_per_id = 4            # K
+  c.data.sample_unit = 'caption'      # caption: an epoch runs over (image, caption) pairs as the reference;
+                                      # image: over images, one random caption each
   c.data.worker_count = 4             # Grain worker processes (0 = in-process)
   c.data.worker_buffer_size = 2
   c.data.val_fraction_ids = 0.0       # carve val identities from train when the dataset has no val
@@ -62,6 +64,29 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'           # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)
   c.model.remat = False
+
+  # ---- part head (model.head = 'part'; see ivt_jax/part_model.py and ivt_jax/part_losses.py) -----
+  c.part = ml_collections.ConfigDict()
+  c.part.num_parts = 8                # K learnable part queries, shared by images and texts
+  c.part.depth = 1                    # decoder layers (cross-attention [+ self-attention] + MLP)
+  c.part.num_heads = 0                # 0 = model.num_heads
+  c.part.mlp_dim = 0                  # 0 = model.mlp_dim
+  c.part.self_attention = True        # self-attention among the parts in each decoder layer
+  c.part.share_decoder = True         # one decoder for both modalities (False: one per modality)
+  c.part.query_init = 'orthogonal'    # orthogonal | normal (std 0.02)
+  c.part.weights = 'text'             # text (softmax of an MLP on the text CLS, as PLOT's TDPA) | uniform
+  c.part.weight_hidden = 64           # hidden width of that MLP
+  c.part.scale = 1.0                  # s: score = cos(g_t, g_i) + s * sum_k w_k cos(p_tk, p_ik)
+  c.part.score = 'coarse_fine'        # coarse_fine | coarse (parts computed, scored on CLS only)
+  c.part.match_loss = 'sdm'           # part matching on the weighted part similarity: sdm | infonce | cmpm
+  c.part.match_weight = 1.0           # 0 = off
+  c.part.temperature = 0.02           # tau of sdm / infonce
+  c.part.cmr_weight = 1.0             # L_CMR weight; 0 = off
+  c.part.cmr_margin = 0.2             # m_0: margin of a part with commonality 0
+  c.part.cmr_min_margin = 0.05        # m_min: floor of the margin (a part common to everyone)
+  c.part.cmr_negatives = 'semihard'   # semihard (random semi-hard, SSAN family) | hardest
+  c.part.commonality = 'clip'         # mean different-identity part cosine -> [0, 1]: clip | affine
+  c.part.start_epoch = 0.0            # part losses (match, CMR) count from this epoch on
 
   # ---- optimisation -----------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

@@ -12,7 +12,9 @@ Its eval transform is Resize((H, W)) with torchvision's default interpolation, b
 Here the resize is done once per image and shared by its three views (it is deterministic, so this
 is the same as resizing each view). Pad + crop is one zero-filled copy: output pixel (y, x) is
 resized pixel (y + i - pad, x + j - pad), zero outside, with i, j ~ U{0..2 pad}, as torchvision
-draws them on the padded image.
+draws them on the padded image. Crop and flip are one copy per view (the flipped crop at column
+offset dx is the crop of the mirrored image at -dx; the mirror is made once per image by PIL).
+Decoding is PIL's full decode (no JPEG draft mode), as the reference.
 
 RandomErasing matches timm's parameters: erase with probability p, up to 10 attempts, area
 fraction ~ U(0.02, 1/3), aspect ratio ~ exp(U(log 0.3, log 1/0.3)), h = round(sqrt(area * r)),
@@ -59,15 +61,22 @@ def decode_image(data, *, name: str = '') -> PIL.Image.Image:
   return image
 
 
+def resize_image(image: PIL.Image.Image, size: Sequence[int], resample) -> PIL.Image.Image:
+  """PIL image -> PIL image of size (H, W) (unchanged if already that size)."""
+  h, w = size
+  return image if image.size == (w, h) else image.resize((w, h), resample=resample)
+
+
+def _to_array(image: PIL.Image.Image, size: Sequence[int]) -> np.ndarray:
+  out = np.asarray(image, dtype=np.uint8)
+  if out.shape != (size[0], size[1], 3):
+    raise ValueError(f'resize produced shape {out.shape}, expected {(size[0], size[1], 3)}')
+  return out
+
+
 def resize(image: PIL.Image.Image, size: Sequence[int], resample) -> np.ndarray:
   """PIL image -> uint8 (H, W, 3) resized to size = (H, W) with PIL's filter `resample`."""
-  h, w = size
-  if image.size != (w, h):
-    image = image.resize((w, h), resample=resample)
-  out = np.asarray(image, dtype=np.uint8)
-  if out.shape != (h, w, 3):
-    raise ValueError(f'resize produced shape {out.shape}, expected {(h, w, 3)}')
-  return out
+  return _to_array(resize_image(image, size, resample), size)
 
 
 def load_resized(data, size: Sequence[int], resample, *, name: str = '') -> np.ndarray:
@@ -121,6 +130,20 @@ def erase_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, 
   return None
 
 
+def _erase_into(image: np.ndarray, prob: float, rng: np.random.Generator) -> None:
+  """`random_erase` in place."""
+  if prob <= 0 or rng.random() >= prob:
+    return
+  h, w, c = image.shape
+  box = erase_box(h, w, rng)
+  if box is None:
+    return
+  top, left, bh, bw = box
+  noise = rng.standard_normal((bh, bw, c), dtype=np.float32)
+  noise = np.rint(noise * 127.5 + 127.5, out=noise)
+  image[top:top + bh, left:left + bw] = np.clip(noise, 0, 255, out=noise)
+
+
 def random_erase(image: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
   """With probability `prob`, fill one random box with normal noise (see the module docstring).
 
@@ -131,35 +154,70 @@ def random_erase(image: np.ndarray, prob: float, rng: np.random.Generator) -> np
   Returns:
     uint8 (H, W, C).
   """
-  if prob <= 0 or rng.random() >= prob:
-    return image
-  h, w, c = image.shape
-  box = erase_box(h, w, rng)
-  if box is None:
-    return image
-  top, left, bh, bw = box
-  noise = rng.standard_normal((bh, bw, c), dtype=np.float32)
   out = np.array(image, copy=True)
-  out[top:top + bh, left:left + bw] = np.clip(np.rint(127.5 * (noise + 1.0)), 0, 255).astype(np.uint8)
+  _erase_into(out, prob, rng)
   return out
 
 
 def train_view(resized: np.ndarray, rng: np.random.Generator, *, pad: int, flip_prob: float,
-               erase_prob: float) -> np.ndarray:
-  """One augmented view of an already resized uint8 (H, W, 3) image: pad-crop, flip, erase."""
-  view = pad_crop(resized, pad, rng)
-  view = random_hflip(view, flip_prob, rng)
-  view = random_erase(view, erase_prob, rng)
-  return np.ascontiguousarray(view)
+               erase_prob: float, flipped: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+  """One augmented view of a resized uint8 (H, W, 3) image: pad-crop, flip, erase.
+
+  The same draws and result as `random_erase(random_hflip(pad_crop(x)))`, in one copy: the
+  flipped crop at column offset dx is the crop of the mirrored image at offset -dx.
+
+  Args:
+    resized: uint8 (H, W, 3).
+    rng: the generator.
+    pad, flip_prob, erase_prob: data.augment.{pad, flip_prob, erase_prob}.
+    flipped: optional `resized[:, ::-1]` made contiguous (saves a strided copy per flipped view).
+    out: optional uint8 (H, W, 3) destination.
+  Returns:
+    `out` (or a new array) holding the view.
+  """
+  h, w = resized.shape[:2]
+  out = np.empty_like(resized) if out is None else out
+  dy = dx = 0
+  if pad > 0:
+    dy = int(rng.integers(0, 2 * pad + 1)) - pad
+    dx = int(rng.integers(0, 2 * pad + 1)) - pad
+  src = resized
+  if flip_prob > 0 and rng.random() < flip_prob:
+    src, dx = (resized[:, ::-1] if flipped is None else flipped), -dx
+  ys, ye = max(0, -dy), min(h, h - dy)     # out[y, x] = src[y + dy, x + dx], zero outside
+  xs, xe = max(0, -dx), min(w, w - dx)
+  out[:ys] = 0
+  out[ye:] = 0
+  out[ys:ye, :xs] = 0
+  out[ys:ye, xe:] = 0
+  out[ys:ye, xs:xe] = src[ys + dy:ye + dy, xs + dx:xe + dx]
+  _erase_into(out, erase_prob, rng)
+  return out
 
 
 def train_views(data, size: Sequence[int], rng: np.random.Generator, *, num_views: int = 3,
                 pad: int = 10, flip_prob: float = 0.5, erase_prob: float = 0.5,
                 name: str = '') -> np.ndarray:
   """Encoded image -> uint8 (num_views, H, W, 3), independently augmented views of one resize."""
-  resized = load_resized(data, size, TRAIN_RESAMPLE, name=name)
-  return np.stack([train_view(resized, rng, pad=pad, flip_prob=flip_prob, erase_prob=erase_prob)
-                   for _ in range(num_views)])
+  return views_of(decode_image(data, name=name), size, rng, num_views=num_views, pad=pad,
+                  flip_prob=flip_prob, erase_prob=erase_prob)
+
+
+def views_of(image: PIL.Image.Image, size: Sequence[int], rng: np.random.Generator, *,
+             num_views: int = 3, pad: int = 10, flip_prob: float = 0.5,
+             erase_prob: float = 0.5) -> np.ndarray:
+  """Decoded RGB image -> uint8 (num_views, H, W, 3): one bicubic resize, then `train_view`s."""
+  image = resize_image(image, size, TRAIN_RESAMPLE)
+  resized = _to_array(image, size)
+  flipped = None
+  if flip_prob > 0:  # PIL mirrors faster than a strided numpy copy of 3-byte pixels
+    flipped = np.asarray(image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT), dtype=np.uint8)
+  out = np.empty((num_views,) + resized.shape, np.uint8)
+  for v in range(num_views):
+    train_view(resized, rng, pad=pad, flip_prob=flip_prob, erase_prob=erase_prob,
+               flipped=flipped, out=out[v])
+  return out
 
 
 def eval_image(data, size: Sequence[int], *, name: str = '') -> np.ndarray:

@@ -30,20 +30,23 @@ Training (`train_iterator`)
     1 phrase:   one of its 'phrases' at random (the caption itself when it has none);
     2 word:     a random non-empty subset of its 'attributes', of uniformly drawn size in
                 1..min(#attributes, data.word_level_max_attrs or #attributes), in random order,
-                joined by ', ' (the reference joins with ','); with no attributes, an independently
-                drawn phrase as the reference, else the caption.
-  and BMM keep masks: per view over N_img = num_image_tokens(...) tokens and per text over the L
-  positions (padding included, as the reference): k ~ U{0..int(bmm_ratio * N)} positions out of
-  1..N-1 are dropped, position 0 (CLS) is always kept; drawn independently per sample, level and
-  modality (the reference draws one pattern per forward for the whole batch).
+                joined by ',' as the reference; with no attributes, an independently drawn phrase
+                as the reference, else the caption
+  (drawn by input_pipeline.text.sample_phrase_level / sample_word_level); and BMM keep masks: per
+  view over N_img = num_image_tokens(...) tokens and per text over the L positions (padding
+  included, as the reference): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped,
+  position 0 (CLS) is always kept; drawn independently per sample, level and modality (the
+  reference draws one pattern per forward for the whole batch).
   Batch (B = P K / shard_count samples on this process):
     images (B, 3, H, W, 3) uint8, text_ids (B, 3, L) int32, text_mask (B, 3, L) int32,
     image_keep (B, 3, N_img) bool, text_keep (B, 3, L) bool, person_id (B,) int32.
   Global batch g of the run is the same whatever the process or worker count: process i gets its
-  rows [i B, (i + 1) B). Randomness comes from grain's per-element seeded `random_map` (Philox
-  keyed by the seed and the global sample index) and per-epoch seeded plans, so results do not
-  depend on data.worker_count. The iterator's `get_state()/set_state()` resume exactly; for Orbax
-  use `grain.checkpoint.CheckpointSave(iterator)` / `grain.checkpoint.CheckpointRestore(iterator)`
+  rows [i B, (i + 1) B) (a P divisible by the process count keeps each identity's K samples on one
+  process; the loss sees the global batch either way). Randomness comes from grain's per-element
+  seeded `random_map` (Philox keyed by the seed and the global sample index) and per-epoch seeded
+  plans, so results do not depend on data.worker_count. The iterator's `get_state()/set_state()`
+  resume exactly, also under another worker or process count (`TrainIterator`); for Orbax use
+  `grain.checkpoint.CheckpointSave(iterator)` / `grain.checkpoint.CheckpointRestore(iterator)`
   (handler `grain.checkpoint.CheckpointHandler`).
 
 Evaluation (`eval_batches`) returns both streams at once (`EvalData`): the gallery (each image
@@ -59,10 +62,12 @@ import sys
 import threading
 from typing import Any, NamedTuple, Sequence
 
+from absl import flags
 import grain
 import numpy as np
 
 from input_pipeline import augment
+from input_pipeline import text
 from ivt_jax.shapes import num_image_tokens
 
 LEVELS = ('sentence', 'phrase', 'word')
@@ -70,7 +75,7 @@ SAMPLE_UNITS = ('caption', 'image')
 _SCAN_CHUNK = 1024
 
 
-# ---- records --------------------------------------------------------------------------------------
+# ---- records -------------------------------------------------------------------------------------
 
 def _to_str(value, what: str) -> str:
   if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -128,15 +133,15 @@ def _json_list(record, key: str, caption_index: int, index: int) -> list[str]:
   if len(values) != n_caps:
     raise ValueError(f'{_record_name(record, index)}: {key!r} has {len(values)} entries but '
                      f'captions has {n_caps}')
-  text = _to_str(values[caption_index], f'{_record_name(record, index)}: {key}[{caption_index}]')
+  raw = _to_str(values[caption_index], f'{_record_name(record, index)}: {key}[{caption_index}]')
   try:
-    items = json.loads(text) if text.strip() else []
+    items = json.loads(raw) if raw.strip() else []
   except json.JSONDecodeError as e:
     raise ValueError(f'{_record_name(record, index)}: {key}[{caption_index}] is not JSON: '
-                     f'{text[:80]!r}') from e
+                     f'{raw[:80]!r}') from e
   if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
     raise ValueError(f'{_record_name(record, index)}: {key}[{caption_index}] is not a JSON list '
-                     f'of strings: {text[:80]!r}')
+                     f'of strings: {raw[:80]!r}')
   return [s.strip() for s in items if s.strip()]
 
 
@@ -190,7 +195,7 @@ class TrainIndex:
     return cls.build(*scan_source(source), sample_unit=sample_unit)
 
 
-# ---- identity-balanced epochs ---------------------------------------------------------------------
+# ---- identity-balanced epochs --------------------------------------------------------------------
 
 def _config_pk(config) -> tuple[int, int]:
   p, k = int(config.data.ids_per_batch), int(config.data.images_per_id)
@@ -278,22 +283,14 @@ def _sample_unit(config) -> str:
   return unit
 
 
-# ---- per-sample work ------------------------------------------------------------------------------
+# ---- per-sample work -----------------------------------------------------------------------------
 
-def mla_texts(caption: str, phrases: Sequence[str], attributes: Sequence[str],
-              rng: np.random.Generator, max_attrs: int = 0) -> tuple[str, str, str]:
-  """(sentence, phrase, word) texts of one caption (see the module docstring)."""
-  phrase = phrases[int(rng.integers(len(phrases)))] if phrases else caption
-  if attributes:
-    hi = len(attributes) if max_attrs <= 0 else min(max_attrs, len(attributes))
-    size = int(rng.integers(1, hi + 1))
-    pick = rng.choice(len(attributes), size=size, replace=False)
-    word = ', '.join(attributes[i] for i in pick)
-  elif phrases:
-    word = phrases[int(rng.integers(len(phrases)))]
-  else:
-    word = caption
-  return caption, phrase, word
+def level_texts(caption: str, phrases: Sequence[str], attributes: Sequence[str],
+                rng: np.random.Generator, max_attrs: int = 0) -> tuple[str, str, str]:
+  """(sentence, phrase, word) texts of one caption, drawn with input_pipeline.text's samplers."""
+  texts = {'phrases': list(phrases) or [caption], 'attributes': list(attributes)}
+  return (caption, text.sample_phrase_level(texts, rng),
+          text.sample_word_level(texts, rng, max_attributes=max_attrs))
 
 
 def bmm_keep(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
@@ -365,7 +362,7 @@ class _TrainSample(grain.transforms.RandomMap):
     images = augment.train_views(_field(record, 'image', index), s.image_size, rng,
                                  num_views=len(LEVELS), pad=s.pad, flip_prob=s.flip_prob,
                                  erase_prob=s.erase_prob, name=name)
-    texts = mla_texts(captions[cap], _json_list(record, 'phrases', cap, index),
+    texts = level_texts(captions[cap], _json_list(record, 'phrases', cap, index),
                       _json_list(record, 'attributes', cap, index), rng, s.max_attrs)
     ids, mask = _encode(self._tokenizer, texts, s.text_length)
     image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng) for _ in LEVELS])
@@ -442,7 +439,7 @@ class _ShardRows(grain.MapDataset):
     return self._parent[step * self._global + self._offset + row]
 
 
-# ---- public API -----------------------------------------------------------------------------------
+# ---- public API ----------------------------------------------------------------------------------
 
 def _shards(shard_index, shard_count) -> tuple[int, int]:
   if shard_index is None or shard_count is None:
@@ -455,16 +452,17 @@ def _shards(shard_index, shard_count) -> tuple[int, int]:
 
 
 def _read_options(worker_count: int, worker_buffer_size: int) -> grain.ReadOptions:
-  # Elements are whole batches: a couple of threads overlap one batch's work with the consumer
-  # (PIL decode/resize and numpy release the GIL); the buffer bounds memory to a few batches.
-  del worker_count
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(2, worker_buffer_size))
+  """Elements are whole batches. In-process, two threads overlap batches with the consumer (PIL
+  decode/resize and numpy copies release the GIL); in a worker, one thread computes the next batch
+  while the process hands the last one over. The buffer bounds memory to a few batches."""
+  return grain.ReadOptions(num_threads=2 if worker_count == 0 else 1,
+                           prefetch_buffer_size=max(2, worker_buffer_size))
 
 
-def train_dataset(config, source, tokenizer, *, seed: int, shard_index: int | None = None,
+def train_batches(config, source, tokenizer, *, seed: int, shard_index: int | None = None,
                   shard_count: int | None = None, index: TrainIndex | None = None
-                  ) -> grain.IterDataset:
-  """The infinite training `IterDataset` of this process (see the module docstring).
+                  ) -> grain.MapDataset:
+  """This process's training batches as an infinite random-access `MapDataset` (batch n = step n).
 
   Args:
     config: the ConfigDict (data.*, model.patch_size, model.stride).
@@ -474,9 +472,11 @@ def train_dataset(config, source, tokenizer, *, seed: int, shard_index: int | No
     shard_index, shard_count: this process's shard; default jax.process_index()/process_count().
     index: precomputed `TrainIndex.from_source(source, ...)` (saves a scan of the source).
   Returns:
-    IterDataset of batches with B = P K / shard_count rows.
+    MapDataset of batch dicts with B = P K / shard_count rows (module docstring).
   """
   shard_index, shard_count = _shards(shard_index, shard_count)
+  if not 0 <= int(seed) < 2**32:
+    raise ValueError(f'seed must be in [0, 2**32), got {seed}')
   p, k = _config_pk(config)
   if (p * k) % shard_count:
     raise ValueError(f'data.ids_per_batch * data.images_per_id = {p * k} is not divisible by '
@@ -487,29 +487,100 @@ def train_dataset(config, source, tokenizer, *, seed: int, shard_index: int | No
   ds = _EpochPlanDataset(units, sampler)
   ds = ds.random_map(_TrainSample(source, tokenizer, settings), seed=int(seed))
   ds = _ShardRows(ds, p * k, shard_index, shard_count)
-  ds = ds.batch(p * k // shard_count, drop_remainder=True)
-  workers = int(config.data.worker_count)
-  if workers < 0:
-    raise ValueError(f'data.worker_count must be >= 0, got {workers}')
-  buffer = int(config.data.worker_buffer_size)
-  ids = ds.to_iter_dataset(_read_options(workers, buffer))
-  if workers > 0:
-    ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                       per_worker_buffer_size=max(1, buffer)))
-  return ids
+  return ds.batch(p * k // shard_count, drop_remainder=True)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Checkpointable iterator over training batches, from any step, with any worker count.
+
+  The state is the next batch number plus what must match on restore:
+  {'next_batch', 'seed', 'global_batch_size', 'steps_per_epoch'}. Batch n does not depend on
+  the worker count or on the process count (each process takes its rows of the same global
+  batch), so a state restores under other data.worker_count or process counts too. `set_state`
+  stops the worker processes; they restart at the new position on the next batch (or at
+  `start_prefetch()`, which Orbax's grain handler calls after restoring).
+  """
+
+  def __init__(self, batches: grain.MapDataset, *, worker_count: int, worker_buffer_size: int,
+               check: dict[str, int]):
+    super().__init__()
+    if worker_count < 0:
+      raise ValueError(f'data.worker_count must be >= 0, got {worker_count}')
+    self._batches, self._check = batches, dict(check)
+    self._workers, self._buffer = int(worker_count), int(worker_buffer_size)
+    self._next = 0
+    self._it = None
+
+  def _inner(self) -> grain.DatasetIterator:
+    self._assert_not_closed()
+    if self._it is None:
+      ds = self._batches[self._next:].to_iter_dataset(_read_options(self._workers, self._buffer))
+      if self._workers > 0:
+        if not flags.FLAGS.is_parsed():
+          # Grain reads its absl flags when it starts worker processes; outside absl.app.run (a
+          # notebook, a library caller) nothing parsed them: take their defaults.
+          flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=self._workers, per_worker_buffer_size=max(1, self._buffer)))
+      self._it = iter(ds)
+    return self._it
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._inner())
+    self._next += 1
+    return batch
+
+  def __str__(self) -> str:
+    return f'TrainIterator(next_batch={self._next}, workers={self._workers})'
+
+  def get_state(self) -> dict[str, int]:
+    return {'next_batch': self._next, **self._check}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key, value in self._check.items():
+      if key in state and int(state[key]) != value:
+        raise ValueError(f'cannot resume the training data: the checkpoint has {key}='
+                         f'{state[key]}, this run {value} (same seed, data.ids_per_batch x '
+                         f'data.images_per_id and training data are needed)')
+    next_batch = int(state['next_batch'])
+    if next_batch < 0:
+      raise ValueError(f'bad training-data state: next_batch={next_batch}')
+    self._stop()
+    self._next = next_batch
+
+  def start_prefetch(self) -> None:
+    self._inner().start_prefetch()
+
+  def _stop(self) -> None:
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._stop()
 
 
 def train_iterator(config, source, tokenizer, *, seed: int, shard_index: int | None = None,
                    shard_count: int | None = None, index: TrainIndex | None = None
-                   ) -> grain.DatasetIterator:
-  """Checkpointable iterator over this process's training batches (see `train_dataset`).
+                   ) -> TrainIterator:
+  """Checkpointable iterator over this process's training batches (see `train_batches`).
 
-  `it.get_state()` / `it.set_state(state)` resume exactly; with Orbax, save
+  `it.get_state()` / `it.set_state(state)` resume exactly. With Orbax: save
   `grain.checkpoint.CheckpointSave(it)` and restore `grain.checkpoint.CheckpointRestore(it)` into
-  an iterator built the same way (same config, source, seed, shards and worker count).
+  an iterator built with the same config, source and seed (handler
+  `grain.checkpoint.CheckpointHandler`; one JSON file per process). Call `it.close()` when done
+  with worker processes.
   """
-  return iter(train_dataset(config, source, tokenizer, seed=seed, shard_index=shard_index,
-                            shard_count=shard_count, index=index))
+  units = index if index is not None else TrainIndex.from_source(source, _sample_unit(config))
+  batches = train_batches(config, source, tokenizer, seed=seed, shard_index=shard_index,
+                          shard_count=shard_count, index=units)
+  p, k = _config_pk(config)
+  check = dict(seed=int(seed), global_batch_size=p * k,
+               steps_per_epoch=steps_per_epoch(config, units))
+  return TrainIterator(batches, worker_count=int(config.data.worker_count),
+                       worker_buffer_size=int(config.data.worker_buffer_size), check=check)
 
 
 class EvalData(NamedTuple):

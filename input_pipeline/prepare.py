@@ -6,8 +6,12 @@ multi-process run, process 0 prepares and writes a marker file; the other proces
 data_dir must be on storage that all hosts see (a shared file system) when there are several hosts.
 
 Config keys read: data.name, data.manual_dir, data.data_dir, data.skip_bad_records,
-data.val_fraction_ids, data.synthetic.{enabled, num_ids, images_per_id, image_size}, seed,
-data.tokenizer, data.vocab_file, data.sentencepiece_vocab_size.
+data.val_fraction_ids (ICFG-PEDES only; 0 = the builder's default, 5% of the training ids),
+data.synthetic.{enabled, num_ids, images_per_id, image_size}, seed, data.tokenizer, data.vocab_file,
+data.sentencepiece_vocab_size. The SentencePiece model is trained once on the prepared training
+captions and kept as <data_dir>/<name>/spm_<vocab size>.model.
+
+Paths are local (or mounted) paths: SentencePiece and the marker use plain file I/O.
 """
 import dataclasses
 import hashlib
@@ -80,11 +84,13 @@ def _fingerprint(config) -> str:
 
 def _maybe_generate_synthetic(config, manual_dir: str, workers: int) -> None:
   syn = config.data.synthetic
-  if not syn.enabled or os.path.isfile(os.path.join(manual_dir, 'reid_raw.json')):
+  if not syn.enabled:
     return
   if config.data.name != 'cuhk_pedes':
     raise ValueError('config.data.synthetic.enabled writes a CUHK-PEDES-format directory: set '
                      f"config.data.name='cuhk_pedes' (got {config.data.name!r}).")
+  if os.path.isfile(os.path.join(manual_dir, 'reid_raw.json')):
+    return
   for key in ('num_ids', 'images_per_id'):
     if int(syn[key]) <= 0:
       raise ValueError(f'config.data.synthetic.{key} must be > 0 to generate SynthPEDES, got {syn[key]}.')
@@ -207,13 +213,7 @@ def prepare(config, workdir: str, *, workers: int | None = None, wait_timeout_s:
     os.replace(tmp, marker)
     return prepared
   deadline = time.time() + wait_timeout_s
-  while True:
-    try:
-      with open(marker, encoding='utf-8') as f:
-        if json.load(f).get('fingerprint') == _fingerprint(config):
-          break
-    except (FileNotFoundError, json.JSONDecodeError):
-      pass
+  while not _marker_ready(marker, _fingerprint(config)):
     if time.time() > deadline:
       raise TimeoutError(f'process {jax.process_index()}: no marker {marker} from process 0 after '
                          f'{wait_timeout_s:.0f}s; data_dir must be on storage shared by all hosts.')
@@ -221,6 +221,20 @@ def prepare(config, workdir: str, *, workers: int | None = None, wait_timeout_s:
   builder = _builder(config, data_dir)
   _check_options(config, builder)
   return _prepared(config, builder, data_dir, _tokenizer(config, builder, data_dir, train=False))
+
+
+def _marker_ready(marker: str, fingerprint: str) -> bool:
+  """The marker matches this config and what it names is on disk (a stale marker is not trusted)."""
+  try:
+    with open(marker, encoding='utf-8') as f:
+      m = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+  if m.get('fingerprint') != fingerprint:
+    return False
+  p = m.get('prepared', {})
+  return (os.path.isfile(os.path.join(p.get('dataset_dir', ''), 'dataset_info.json'))
+          and os.path.isfile(p.get('tokenizer_path', '')))
 
 
 def open_split(prepared: PreparedData, split: str):

@@ -110,7 +110,7 @@ def assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-# ---- augment --------------------------------------------------------------------------------------
+# ---- augment -------------------------------------------------------------------------------------
 
 def test_pad_crop_is_a_shifted_copy():
   img = np.random.default_rng(0).integers(1, 255, (20, 12, 3), dtype=np.uint8)
@@ -140,6 +140,25 @@ def test_random_erase_box_follows_timm_ranges():
   np.testing.assert_array_equal(augment.random_erase(img, 0.0, np.random.default_rng(0)), img)
 
 
+def test_fused_train_view_equals_the_composed_transforms():
+  img = np.random.default_rng(1).integers(0, 256, (40, 16, 3), dtype=np.uint8)
+  for seed in range(60):
+    rng = np.random.default_rng(seed)
+    expected = augment.random_erase(augment.random_hflip(augment.pad_crop(img, 5, rng), 0.5, rng),
+                                    0.5, rng)
+    got = augment.train_view(img, np.random.default_rng(seed), pad=5, flip_prob=0.5,
+                             erase_prob=0.5)
+    np.testing.assert_array_equal(got, expected)
+  data = _png(50, 20, 3)
+  resized = augment.load_resized(data, (96, 32), augment.TRAIN_RESAMPLE)
+  for seed in range(8):  # train_views mirrors once with PIL; same result as the strided flip
+    rng = np.random.default_rng(seed)
+    expected = np.stack([augment.train_view(resized, rng, pad=10, flip_prob=0.5, erase_prob=0.5)
+                         for _ in range(3)])
+    np.testing.assert_array_equal(augment.train_views(data, (96, 32), np.random.default_rng(seed)),
+                                  expected)
+
+
 def test_train_views_deterministic_and_eval_is_plain_resize():
   data = _png(50, 20, 3)
   a = augment.train_views(data, (96, 32), np.random.default_rng(5))
@@ -162,7 +181,7 @@ def test_bad_image_names_the_record():
     augment.eval_image(b'not an image', (96, 32), name='imgs/x.png')
 
 
-# ---- training -------------------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------------
 
 def test_batch_shapes_and_dtypes():
   it = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=0, shard_index=0,
@@ -195,7 +214,8 @@ def test_identity_sampler_epochs():
   assert sampler.steps_per_epoch == 4
   plans = [sampler.epoch(e) for e in range(3)]
   assert not np.array_equal(plans[0], plans[1])
-  np.testing.assert_array_equal(plans[0], pipeline.IdentitySampler(index.person_id, 3, 2, 1).epoch(0))
+  again = pipeline.IdentitySampler(index.person_id, 3, 2, seed=1).epoch(0)
+  np.testing.assert_array_equal(plans[0], again)
   for plan in plans:
     assert plan.shape == (4, 6)
     pids = index.person_id[plan].reshape(4, 3, 2)
@@ -208,8 +228,9 @@ def test_identity_sampler_epochs():
         assert len(set(units.tolist())) == len(units)
 
 
-def test_identity_balance_and_texts():
-  config = make_config()
+@pytest.mark.parametrize('unit', ['caption', 'image'])
+def test_identity_balance_and_texts(unit):
+  config = make_config(sample_unit=unit)
   it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=3, shard_index=0,
                                shard_count=1)
   seen_fallback = {'phrase': 0, 'word_phrase': 0, 'word_caption': 0}
@@ -227,7 +248,7 @@ def test_identity_balance_and_texts():
         assert phrase == sentence
         seen_fallback['phrase'] += 1
       if attrs:
-        parts = word.split(', ')
+        parts = word.split(',')
         assert 1 <= len(parts) <= len(attrs) and len(set(parts)) == len(parts)
         assert set(parts) <= set(attrs)
       elif phrases:
@@ -243,10 +264,10 @@ def test_identity_balance_and_texts():
 def test_word_level_max_attrs():
   rng = np.random.default_rng(0)
   attrs = ['a', 'b', 'c', 'd', 'e']
-  sizes = {len(pipeline.mla_texts('cap', ['p'], attrs, rng, max_attrs=2)[2].split(', '))
+  sizes = {len(pipeline.level_texts('cap', ['p'], attrs, rng, max_attrs=2)[2].split(','))
            for _ in range(100)}
   assert sizes == {1, 2}
-  sizes = {len(pipeline.mla_texts('cap', ['p'], attrs, rng)[2].split(', ')) for _ in range(300)}
+  sizes = {len(pipeline.level_texts('cap', ['p'], attrs, rng)[2].split(',')) for _ in range(300)}
   assert sizes == {1, 2, 3, 4, 5}
 
 
@@ -322,26 +343,34 @@ def test_orbax_checkpoints_the_iterator(tmp_path):
   assert_batches_equal(take(restored['data'], 2), expected)
 
 
+@pytest.mark.slow  # two spawned worker processes: about 10 s on 2 cores
 def test_worker_processes_match_in_process_and_resume():
+  """Worker processes give the in-process batches; states move between worker counts."""
   if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.mark_as_parsed()  # what absl.app.run does; Grain's workers read its flags
   kw = dict(seed=5, shard_index=0, shard_count=1)
-  reference = take(pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), **kw), 5)
-  config = make_config(worker_count=2)
-  it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
+  it = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), **kw)
+  reference = take(it, 2)
+  state = it.get_state()
+  reference += take(it, 3)
+  workers = pipeline.train_iterator(make_config(worker_count=2), SOURCE, CharTokenizer(), **kw)
   try:
-    got = take(it, 2)
-    state = it.get_state()
-    got += take(it, 3)
+    workers.set_state(state)              # a fresh 2-worker iterator resumes an in-process run
+    assert_batches_equal(take(workers, 2), reference[2:4])
+    state = workers.get_state()
   finally:
-    it.close()
-  assert_batches_equal(got, reference)
-  resumed = pipeline.train_iterator(config, SOURCE, CharTokenizer(), **kw)
-  try:
-    resumed.set_state(state)
-    assert_batches_equal(take(resumed, 3), reference[2:])
-  finally:
-    resumed.close()
+    workers.close()
+  resumed = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), **kw)
+  resumed.set_state(state)                # and an in-process iterator resumes the 2-worker run
+  assert_batches_equal(take(resumed, 1), reference[4:])
+
+
+def test_state_mismatch_is_refused():
+  kw = dict(shard_index=0, shard_count=1)
+  state = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=1, **kw).get_state()
+  other = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=2, **kw)
+  with pytest.raises(ValueError, match='seed=1, this run 2'):
+    other.set_state(state)
 
 
 def test_bad_records_and_config():
@@ -360,7 +389,7 @@ def test_bad_records_and_config():
                             shard_index=0, shard_count=1)
 
 
-# ---- evaluation -----------------------------------------------------------------------------------
+# ---- evaluation ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('shard_count', [1, 2])
 def test_eval_covers_everything_once(shard_count):

@@ -19,7 +19,8 @@ Builder options are constructor keyword arguments (`tfds.builder(name, data_dir=
                     True: bad records are left out, logged, listed in `<version dir>/bad_records.json`
                     and counted in the dataset metadata (`builder.info.metadata`).
   val_fraction_ids  ICFG-PEDES: fraction of training ids carved into val (None: 5%).
-  workers           processes for image checks and MLA texts (1: in this process).
+  workers           processes for image checks and MLA texts (1: in this process; more are
+                    spawned, so a script must guard its entry point with `if __name__ == '__main__':`).
 Keyword arguments (not BuilderConfigs) because they change how the data is built, not where it is
 stored: reading back needs none of them, so `tfds.data_source(name, data_dir=...)` opens the data
 whatever options built it; the options used are recorded in `builder.info.metadata` and prepare.py
@@ -30,6 +31,7 @@ import logging
 import os
 from typing import Any
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -84,9 +86,10 @@ class PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     manual_dir = self._manual_dir(dl_manager)
-    parsed = records.parse_records(self.SOURCE, manual_dir, skip_bad_records=self._skip_bad_records,
-                                   val_fraction_ids=self._val_fraction_ids, workers=self._workers)
-    mla = records.mla_json_for(parsed.records, workers=self._workers)
+    with records.process_pool(self._workers) as pool:
+      parsed = records.parse_records(self.SOURCE, manual_dir, skip_bad_records=self._skip_bad_records,
+                                     val_fraction_ids=self._val_fraction_ids, workers=pool)
+      mla = records.mla_json_for(parsed.records, workers=pool)
     fraction = None
     if 'val' not in records.get_format(self.SOURCE).splits:
       fraction = (records.DEFAULT_ICFG_VAL_FRACTION if self._val_fraction_ids is None
@@ -102,8 +105,7 @@ class PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     })
     if self._skip_bad_records:
       # self.data_dir is the incomplete build dir here; it becomes the version dir on success.
-      with open(os.path.join(os.fspath(self.data_dir), BAD_RECORDS_FILE), 'w', encoding='utf-8') as f:
-        json.dump(parsed.bad_report(), f, indent=1)
+      (epath.Path(self.data_dir) / BAD_RECORDS_FILE).write_text(json.dumps(parsed.bad_report(), indent=1))
     by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
     for i, r in enumerate(parsed.records):
       by_split[r.split].append(i)

@@ -37,8 +37,8 @@ of the permutation become 'val' with all their images. The default fraction is 5
 (`DEFAULT_ICFG_VAL_FRACTION`); 0 keeps every training id in train (no val split).
 """
 import concurrent.futures
+import contextlib
 import dataclasses
-import io
 import json
 import logging
 import multiprocessing
@@ -182,12 +182,10 @@ def check_image(file: str) -> None:
   if not os.path.isfile(file):
     raise ValueError(f'image file {file} does not exist')
   try:
-    with open(file, 'rb') as f:
-      data = f.read()
-    with Image.open(io.BytesIO(data)) as im:
-      im.verify()
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
+    with Image.open(file) as im:
+      im.verify()  # structure and checksums
+    with Image.open(file) as im:
+      im.load()  # full decode (verify does not decode the pixels)
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...).
     raise ValueError(f'image file {file} does not decode ({type(e).__name__}: {e})') from None
 
@@ -267,21 +265,56 @@ def _validate_fields(fmt: SourceFormat, item: Any, imgs_dir: str) -> tuple[str, 
   file = os.path.join(imgs_dir, *path.split('/'))
   if not os.path.isfile(file):
     raise ValueError(f'image file {file} does not exist')
-  return path, file, pid, tuple(c.strip() for c in captions), split
+  return path, file, pid, tuple(captions), split
 
 
-def _map(fn, items: Sequence[Any], workers: int, chunksize: int = 64) -> list[Any]:
-  """fn over items, in order; `workers` > 1 uses spawned processes (safe after jax/threads started)."""
-  if workers <= 1 or len(items) < 2 * chunksize:
-    return [fn(x) for x in items]
+Workers = int | concurrent.futures.Executor
+
+
+@contextlib.contextmanager
+def process_pool(workers: int):
+  """Yields None for workers <= 1, else a process pool to pass as `workers` to the functions here.
+
+  Processes are spawned (not forked), which is safe after jax or other threads have started; as with
+  any spawned pool, a script that calls this must guard its entry point with
+  `if __name__ == '__main__':`.
+  """
+  if workers <= 1:
+    yield None
+    return
   ctx = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+  with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                              initializer=_warm_worker) as ex:
+    yield ex
+
+
+def _warm_worker() -> None:
+  """Loads NLTK and the tagger in a pool process as soon as it starts."""
+  from input_pipeline import text  # pylint: disable=g-import-not-at-top
+  text.mla_texts('A man in a black jacket.')
+
+
+# Below these counts the work stays in this process: a spawned process needs a few seconds to start
+# (imports, tagger), about the time of 1000 captions' MLA texts or several thousand image checks.
+POOL_MIN_IMAGES = 4000
+POOL_MIN_CAPTIONS = 1000
+
+
+def _map(fn, items: Sequence[Any], workers: Workers | None, min_items: int, chunksize: int = 64) -> list[Any]:
+  """fn over items, in order: in this process, in the given pool, or in a new pool of `workers`."""
+  if workers is None or len(items) < max(min_items, 2 * chunksize):
+    return [fn(x) for x in items]
+  if isinstance(workers, concurrent.futures.Executor):
+    return list(workers.map(fn, items, chunksize=chunksize))
+  if workers <= 1:
+    return [fn(x) for x in items]
+  with process_pool(workers) as ex:
     return list(ex.map(fn, items, chunksize=chunksize))
 
 
 def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
                   val_fraction_ids: float | None = None, check_images: bool = True,
-                  workers: int = 1) -> ParseResult:
+                  workers: Workers = 1) -> ParseResult:
   """Reads and validates a dataset's json (see the module docstring).
 
   Args:
@@ -290,7 +323,7 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
     skip_bad_records: leave bad records out (listed in `.bad`) instead of raising RecordError.
     val_fraction_ids: ICFG-PEDES only: fraction of training ids carved into 'val' (None: 5%).
     check_images: decode every image with PIL (existence is always checked).
-    workers: processes for the image check.
+    workers: processes for the image check, or a `process_pool`.
   Returns:
     ParseResult with records in json order (merged per image) and the bad ones.
   """
@@ -323,7 +356,7 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
       fail(index, item, str(e))
 
   if check_images:
-    reasons = _map(_check_image_or_reason, [c[1][1] for c in checked], workers)
+    reasons = _map(_check_image_or_reason, [c[1][1] for c in checked], workers, POOL_MIN_IMAGES)
     kept = []
     for (index, fields), reason in zip(checked, reasons):
       if reason is None:
@@ -344,7 +377,10 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
       merged[path] = dataclasses.replace(prev, captions=prev.captions + captions)
   records = list(merged.values())
 
-  if 'val' not in fmt.splits:
+  if 'val' in fmt.splits:
+    if val_fraction_ids:
+      logging.info('%s has its own val split: val_fraction_ids=%s is not used.', fmt.title, val_fraction_ids)
+  else:
     fraction = DEFAULT_ICFG_VAL_FRACTION if val_fraction_ids is None else float(val_fraction_ids)
     val_ids = carve_val_ids([r.person_id for r in records if r.split == 'train'], fraction)
     records = [dataclasses.replace(r, split='val') if r.split == 'train' and r.person_id in val_ids else r
@@ -358,21 +394,22 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
   return ParseResult(name=name, json_file=json_file, records=records, bad=bad)
 
 
-def mla_json(captions: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Per caption, its MLA phrases and attributes (text.mla_texts) as JSON-encoded lists.
-
-  Returns:
-    (phrases, attributes): two lists of len(captions) JSON strings.
-  """
+def mla_json(caption: str) -> tuple[str, str]:
+  """A caption's MLA phrases and attributes (text.mla_texts), each a JSON-encoded list of str."""
   from input_pipeline import text  # pylint: disable=g-import-not-at-top (nltk, loaded on use)
-  phrases, attributes = [], []
-  for caption in captions:
-    t = text.mla_texts(caption)
-    phrases.append(json.dumps(t['phrases'], ensure_ascii=False))
-    attributes.append(json.dumps(t['attributes'], ensure_ascii=False))
-  return phrases, attributes
+  t = text.mla_texts(caption)
+  return json.dumps(t['phrases'], ensure_ascii=False), json.dumps(t['attributes'], ensure_ascii=False)
 
 
-def mla_json_for(records: Sequence[Record], workers: int = 1) -> list[tuple[list[str], list[str]]]:
-  """`mla_json` of every record's captions, in order, over `workers` processes."""
-  return _map(mla_json, [r.captions for r in records], workers, chunksize=32)
+def mla_json_for(records: Sequence[Record], workers: Workers = 1) -> list[tuple[list[str], list[str]]]:
+  """Per record, ([phrases JSON per caption], [attributes JSON per caption]), each caption once.
+
+  Args:
+    records: the records.
+    workers: processes (1: this process), or a `process_pool`.
+  Returns:
+    a list aligned with `records`; each inner list aligned with the record's captions.
+  """
+  unique = list(dict.fromkeys(c for r in records for c in r.captions))
+  texts = dict(zip(unique, _map(mla_json, unique, workers, POOL_MIN_CAPTIONS)))
+  return [([texts[c][0] for c in r.captions], [texts[c][1] for c in r.captions]) for r in records]
