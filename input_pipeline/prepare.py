@@ -79,6 +79,8 @@ def _fingerprint(config) -> str:
   """What a marker must match for a waiting process to trust it."""
   d = config.data
   key = [d.name, d.tokenizer, d.vocab_file, int(d.sentencepiece_vocab_size), float(d.val_fraction_ids)]
+  if d.synthetic.enabled:  # different SynthPEDES parameters -> different data -> prepare again
+    key.append(json.dumps(d.synthetic.to_dict(), sort_keys=True, default=list) + f'seed={config.seed}')
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -89,18 +91,18 @@ def _maybe_generate_synthetic(config, manual_dir: str, workers: int) -> None:
   if config.data.name != 'cuhk_pedes':
     raise ValueError('config.data.synthetic.enabled writes a CUHK-PEDES-format directory: set '
                      f"config.data.name='cuhk_pedes' (got {config.data.name!r}).")
-  if os.path.isfile(os.path.join(manual_dir, 'reid_raw.json')):
-    return
   for key in ('num_ids', 'images_per_id'):
     if int(syn[key]) <= 0:
       raise ValueError(f'config.data.synthetic.{key} must be > 0 to generate SynthPEDES, got {syn[key]}.')
   if len(syn.image_size) != 2 or min(syn.image_size) <= 0:
     raise ValueError(f'config.data.synthetic.image_size must be (H, W) > 0, got {tuple(syn.image_size)}.')
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-  logging.info('Generating SynthPEDES into %s (%d ids x %d images).', manual_dir, syn.num_ids,
-               syn.images_per_id)
+  logging.info('SynthPEDES in %s (%d ids x %d images; generated unless already there with these '
+               'parameters).', manual_dir, syn.num_ids, syn.images_per_id)
   synthetic.generate(manual_dir, int(syn.num_ids), int(syn.images_per_id), seed=int(config.seed),
-                     image_size=tuple(int(s) for s in syn.image_size), workers=workers)
+                     image_size=tuple(int(s) for s in syn.image_size), val_ids=int(syn.val_ids) or None,
+                     test_ids=int(syn.test_ids) or None,
+                     hard_negative_fraction=float(syn.hard_negative_fraction), workers=workers)
 
 
 def _check_manual_dir(config, manual_dir: str) -> None:

@@ -22,12 +22,14 @@ CLI: python -m input_pipeline.synthetic --out DIR [--ids 500 --images-per-id 4 -
      --width 64 --val-ids V --test-ids T --hard-negative-fraction 0.25 --workers 2]
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import multiprocessing
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any, Sequence
 
@@ -354,7 +356,7 @@ def make_identities(num_ids: int, seed: int = 0, val_ids: int | None = None, tes
     order = rng.permutation(len(members))
     first_id = len(identities) + 1
     new_id = {int(old): first_id + pos for pos, old in enumerate(order)}
-    for j, (src, a) in enumerate(hard):
+    for src, a in hard:
       a['hard_negative_of'] = new_id[src]
     for old in order:
       a = members[int(old)]
@@ -407,7 +409,8 @@ class _Phrases:
     if a['hair_style'] == 'short':
       return self.pick(f'short {c} hair', f'short {c} hair', f'{c} short hair', f'{c} hair')
     if a['hair_style'] == 'long':
-      return self.pick(f'long {c} hair', f'long {c} hair', f'shoulder length {c} hair', f'long straight {c} hair')
+      return self.pick(f'long {c} hair', f'long {c} hair', f'shoulder length {c} hair',
+                       f'long straight {c} hair')
     return self.pick(f'{c} hair in a ponytail', f'{c} hair tied in a ponytail', _article(f'{c} ponytail'),
                      f'long {c} hair in a ponytail')
 
@@ -419,9 +422,10 @@ class _Phrases:
       if not noun.startswith('short') and self.rng.random() < 0.3:
         noun = pick('short sleeved ', 'short sleeve ') + noun
     elif t == 'shirt':
-      noun = pick('shirt', 'shirt', 'button up shirt', 'collared shirt', 'top', 'blouse' if self.woman else 'shirt')
+      noun = pick('shirt', 'shirt', 'button up shirt', 'collared shirt', 'top',
+                  'blouse' if self.woman else 'shirt')
       if self.rng.random() < 0.4:
-        noun = (pick('long sleeved ', 'long sleeve ') if sl == 'long' else pick('short sleeved ', 'short sleeve ')) + noun
+        noun = pick(f'{sl} sleeved ', f'{sl} sleeve ') + noun
     elif t == 'jacket':
       noun = pick('jacket', 'jacket', 'zip-up jacket', 'long sleeved jacket')
     elif t == 'coat':
@@ -443,7 +447,8 @@ class _Phrases:
                                 f'{c} {noun} with a {sc} check pattern'))
     if self.facing == 'back':  # the logo is on the front
       return _article(f'{c} {noun}')
-    return _article(self.pick(f'{c} {noun} with {_article(sc + " logo")}', f'{c} {noun} with a logo on the front',
+    return _article(self.pick(f'{c} {noun} with {_article(sc + " logo")}',
+                              f'{c} {noun} with a logo on the front',
                               f'{c} graphic {noun}', f'{c} {noun} with {_article(sc + " print")} on the chest'))
 
   def lower(self) -> str:
@@ -466,7 +471,8 @@ class _Phrases:
   def bag(self) -> str:
     c, t, poss = self.c(self.a['bag_colour']), self.a['bag'], self.poss
     if t == 'backpack':
-      return self.pick(_article(f'{c} backpack'), _article(f'{c} backpack'), _article(f'{c} backpack on {poss} back'),
+      return self.pick(_article(f'{c} backpack'), _article(f'{c} backpack'),
+                       _article(f'{c} backpack on {poss} back'),
                        _article(f'{c} bag on {poss} back'))
     if t == 'handbag':
       return self.pick(_article(f'{c} handbag'), _article(f'{c} purse' if self.woman else f'{c} hand bag'),
@@ -579,7 +585,8 @@ def caption(a: dict[str, Any], facing: str, mention: Sequence[str], rng: np.rand
     form = rng.random()
     pronoun = subject in ('He', 'She')
     if hair is not None and form < 0.35 and not pronoun:
-      first = f'{subject} with {hair} {_choice(rng, ("is wearing", "wearing", "wears"))} {_join(first_wear, rng)}'
+      verb = _choice(rng, ('is wearing', 'wearing', 'wears'))
+      first = f'{subject} with {hair} {verb} {_join(first_wear, rng)}'
       hair_done = True
     elif hair is not None and form < 0.55:
       first = f'{subject} has {hair} and {wear_verb()} {_join(first_wear, rng)}'
@@ -773,12 +780,11 @@ def _draw_person(cv: _Canvas, L: _Look, facing: str, pose: dict[str, float]) -> 
     _draw_front_back(cv, L, pose, back=facing == 'back')
 
 
-def _lower_parts(cv: _Canvas, L: _Look, legs, far_leg: int | None):
+def _lower_parts(cv: _Canvas, L: _Look, legs, far_leg: int | None) -> None:
   """Legs (hip, knee, ankle) with lower garment and shoes; `far_leg`: index drawn shaded and first."""
   a = L.a
   b = L.b
   t = a['lower_type']
-  leg_pid = []
   for i, (hip, knee, ankle) in enumerate(legs):
     far = i == far_leg
     f = 0.8 if far else 1.0
@@ -795,8 +801,6 @@ def _lower_parts(cv: _Canvas, L: _Look, legs, far_leg: int | None):
         w_knee, w_ankle = (0.06, 0.05) if t == 'jeans' else (0.064, 0.058)
         cv.limb(hip, knee, 0.076 * b, w_knee * b, colour, g)
         cv.limb(knee, ankle, w_knee * b, w_ankle * b, colour, g)
-    leg_pid.append(skin)
-  return leg_pid
 
 
 def _shoe(cv: _Canvas, L: _Look, ankle, side: bool, far: bool) -> None:
@@ -830,7 +834,7 @@ def _pelvis(cv: _Canvas, L: _Look, side: bool) -> None:
              (-L.hip, 0.46)], L.lower, g)
 
 
-def _torso_front(cv: _Canvas, L: _Look, back: bool) -> int:
+def _torso_front(cv: _Canvas, L: _Look) -> int:
   """Upper garment body, front or back view; returns its part id."""
   a = L.a
   t = a['upper_type']
@@ -857,12 +861,13 @@ def _front_details(cv: _Canvas, L: _Look, g: int, back: bool) -> None:
   light = _shade(L.upper, 1.25) if a['upper_colour'] not in ('white', 'yellow') else _shade(L.upper, 0.88)
   if back:
     if t == 'hoodie':
-      cv.poly([(-0.06, 0.835), (0.06, 0.835), (0.05, 0.74), (0.0, 0.715), (-0.05, 0.74)], dark, cv.part(_UPPER, g))
+      hood = [(-0.06, 0.835), (0.06, 0.835), (0.05, 0.74), (0.0, 0.715), (-0.05, 0.74)]
+      cv.poly(hood, dark, cv.part(_UPPER, g))
     elif t in ('shirt', 'jacket', 'coat'):
       cv.poly([(-0.035, 0.845), (0.035, 0.845), (0.03, 0.82), (-0.03, 0.82)], light, cv.part(_DETAIL, g))
     if t == 'coat':
-      cv.poly([(-L.waist - 0.004, 0.6), (L.waist + 0.004, 0.6), (L.waist + 0.005, 0.58), (-L.waist - 0.005, 0.58)],
-              dark, cv.part(_DETAIL, g))
+      cv.poly([(-L.waist - 0.004, 0.6), (L.waist + 0.004, 0.6), (L.waist + 0.005, 0.58),
+               (-L.waist - 0.005, 0.58)], dark, cv.part(_DETAIL, g))
     return
   if t in ('t-shirt', 'dress', 'hoodie'):
     neck = cv.part(_SKIN)
@@ -933,7 +938,8 @@ def _handbag(cv: _Canvas, L: _Look, hand, far: bool = False) -> None:
   p = cv.part(_BAG)
   x, y = hand
   cv.line([(x - 0.025, y - 0.04), (x, y + 0.0), (x + 0.025, y - 0.04)], _shade(c, 0.7), 0.008, p)
-  cv.poly([(x - 0.042, y - 0.035), (x + 0.042, y - 0.035), (x + 0.052, y - 0.115), (x - 0.052, y - 0.115)], c, p)
+  cv.poly([(x - 0.042, y - 0.035), (x + 0.042, y - 0.035), (x + 0.052, y - 0.115), (x - 0.052, y - 0.115)],
+          c, p)
 
 
 def _umbrella(cv: _Canvas, L: _Look, hand) -> None:
@@ -973,7 +979,8 @@ def _head_front(cv: _Canvas, L: _Look, back: bool) -> None:
   if style == 'long':
     cv.poly([(-0.058, 0.95), (-0.036, 0.95), (-0.04, 0.86), (-0.05, 0.76), (-0.075, 0.77), (-0.066, 0.9)],
             L.hair, hair)
-    cv.poly([(0.058, 0.95), (0.036, 0.95), (0.04, 0.86), (0.05, 0.76), (0.075, 0.77), (0.066, 0.9)], L.hair, hair)
+    cv.poly([(0.058, 0.95), (0.036, 0.95), (0.04, 0.86), (0.05, 0.76), (0.075, 0.77), (0.066, 0.9)],
+            L.hair, hair)
   d = cv.part(_DETAIL, face)
   if a['glasses']:
     g = cv.part(_DETAIL, face)
@@ -1027,7 +1034,7 @@ def _draw_front_back(cv: _Canvas, L: _Look, pose: dict[str, float], back: bool) 
   for hip, knee, ankle in legs:
     _shoe(cv, L, ankle, side=False, far=False)
   _pelvis(cv, L, side=False)
-  g = _torso_front(cv, L, back)
+  g = _torso_front(cv, L)
   bag_s = 1 if (a['bag_side'] == 'right') != back else -1  # +x side of the image
   umbrella_s = -bag_s if a['bag'] == 'handbag' else bag_s
   if back and a['bag'] == 'backpack':
@@ -1122,7 +1129,8 @@ def _draw_side(cv: _Canvas, L: _Look, pose: dict[str, float]) -> None:
     cv.poly([(-0.04, 0.85), (0.03, 0.85), (0.045, 0.815), (-0.045, 0.82)],
             _shade(L.upper, 1.2) if a['upper_colour'] not in ('white', 'yellow') else dark, cv.part(_DETAIL, g))
   if t == 'coat':
-    cv.poly([(-0.06 * b, 0.6), (0.056 * b, 0.6), (0.056 * b, 0.58), (-0.06 * b, 0.58)], dark, cv.part(_DETAIL, g))
+    cv.poly([(-0.06 * b, 0.6), (0.056 * b, 0.6), (0.056 * b, 0.58), (-0.06 * b, 0.58)], dark,
+            cv.part(_DETAIL, g))
   if a['pattern'] == 'logo':
     cv.ellipse(0.045 * b, 0.69, 0.018, 0.024, L.second, cv.part(_DETAIL, g))
   # neck, head, hair
@@ -1153,7 +1161,8 @@ def _draw_side(cv: _Canvas, L: _Look, pose: dict[str, float]) -> None:
     cv.ellipse(0.004, 0.835, 0.042, 0.022, L.acc, p)
     cv.poly([(0.03, 0.83), (0.058, 0.83), (0.07, 0.69), (0.044, 0.69)], L.acc, p)
   if a['bag'] == 'backpack':
-    cv.line([(-0.03, 0.835), (0.05, 0.76), (0.045, 0.66), (-0.02, 0.6)], _shade(L.bag, 0.85), 0.02, cv.part(_BAG))
+    strap = [(-0.03, 0.835), (0.05, 0.76), (0.045, 0.66), (-0.02, 0.6)]
+    cv.line(strap, _shade(L.bag, 0.85), 0.02, cv.part(_BAG))
   if a['bag'] == 'shoulder bag':
     p = cv.part(_BAG)
     cv.line([(-0.01, 0.83), (0.0, 0.56)], _shade(L.bag, 0.85), 0.016, p)
@@ -1293,7 +1302,7 @@ def render(a: dict[str, Any], facing: str, image_size: tuple[int, int], seed: Se
   x = np.asarray(scene, np.float32)
   mean = x.mean()
   x = (x - mean) * rng.uniform(0.85, 1.15) + mean
-  x = x * rng.uniform(0.82, 1.15) * rng.uniform(0.94, 1.06, size=3).astype(np.float32)
+  x = x * rng.uniform(0.82, 1.15) * rng.uniform(0.96, 1.04, size=3).astype(np.float32)
   x += rng.normal(0, rng.uniform(0.5, 3.0), x.shape).astype(np.float32)
   scene = Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))
   if rng.random() < 0.15:
@@ -1330,6 +1339,7 @@ def _occlude(scene: Image.Image, rng, cx: float, ground: float, h: float) -> Non
 
 
 def _image_seed(seed: int, pid: int, n: int, stream: int) -> list[int]:
+  """Seed of one image's random stream: 1 facing, 2 captions, 3 drawing."""
   return [seed, pid, n, stream]
 
 
@@ -1430,14 +1440,25 @@ def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
       _render_job(job)
       progress(i + 1)
   else:
-    # spawn: safe when the caller has threads (JAX); children import only numpy and PIL.
-    with multiprocessing.get_context('spawn').Pool(workers) as pool:
-      for i, _ in enumerate(pool.imap(_render_job, jobs, chunksize=16)):
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_mp_context()) as pool:
+      for i, _ in enumerate(pool.map(_render_job, jobs, chunksize=16)):
         progress(i + 1)
 
   _write_json(json_path, records)
   _write_json(params_path, {'params': params, 'complete': True, 'identities': identities})
   return json_path
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+  """spawn (safe when the caller runs threads, as JAX does), unless spawn cannot re-import __main__.
+
+  A spawned worker re-imports the parent's main module; a script read from stdin has no file to import,
+  so there the workers are forked instead.
+  """
+  main_file = getattr(sys.modules.get('__main__'), '__file__', None)
+  if main_file is not None and not os.path.isfile(main_file):
+    return multiprocessing.get_context('fork')
+  return multiprocessing.get_context('spawn')
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -1474,7 +1495,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
   try:
-    path = generate(args.out, args.ids, args.images_per_id, seed=args.seed, image_size=(args.height, args.width),
+    path = generate(args.out, args.ids, args.images_per_id, seed=args.seed,
+                    image_size=(args.height, args.width),
                     val_ids=args.val_ids, test_ids=args.test_ids,
                     hard_negative_fraction=args.hard_negative_fraction, workers=args.workers)
   except (ValueError, FileExistsError) as e:
