@@ -86,6 +86,7 @@ class Converted:
     absent: parameter path -> the file keys that would have provided it but are not in the file.
     notes: what was done beyond renaming and transposing (resizes, unwrapping).
     problems: unexpected keys and shape mismatches (only with strict=False; strict conversion raises).
+    rejected: parameter paths whose file arrays did not fit (listed in `problems`).
   """
   source: str
   file: str
@@ -95,6 +96,7 @@ class Converted:
   absent: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   notes: list[str] = dataclasses.field(default_factory=list)
   problems: list[str] = dataclasses.field(default_factory=list)
+  rejected: set[str] = dataclasses.field(default_factory=set)
 
   def error(self) -> WeightMappingError:
     return WeightMappingError(f'{CONFIG_KEYS[self.source]} {self.file or "(arrays)"}: the {self.source} weights '
@@ -256,7 +258,8 @@ def read_arrays(path: str, what: str = 'weights') -> tuple[dict[str, np.ndarray]
 
 def _numpy_safe_globals() -> list[Any]:
   """numpy scalars and dtypes, which the reference's checkpoints hold (e.g. 'best_acc'); data only, no code."""
-  scalar = np._core.multiarray.scalar  # pylint: disable=protected-access
+  core = getattr(np, '_core', None) or np.core  # numpy 2 / numpy 1
+  scalar = core.multiarray.scalar
   allowed = [(scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar'), np.dtype]
   allowed += [getattr(np.dtypes, n) for n in getattr(np.dtypes, '__all__', [])]
   return allowed
@@ -346,7 +349,7 @@ def _convert(source: str, file: str, arrays: Mapping[str, np.ndarray], entries: 
   target = _target_shapes(cfg)
   names = names or {}
   name = lambda k: names.get(k, k)
-  out, absent, problems, used = {}, {}, list(pre_problems), set()
+  out, absent, problems, used, rejected = {}, {}, list(pre_problems), set(), set()
   for e in entries:
     missing = tuple(name(k) for k in e.keys if k not in arrays)
     if missing:
@@ -360,12 +363,15 @@ def _convert(source: str, file: str, arrays: Mapping[str, np.ndarray], entries: 
       value = np.asarray(e.fn(*src))
     except ValueError as err:
       problems.append(f'shape mismatch: {e.path} <- {given}: {err}; the model expects {want}')
+      rejected.add(e.path)
       continue
     if tuple(value.shape) != want:
-      problems.append(f'shape mismatch: {e.path} <- {given}, the model expects {want}')
+      problems.append(f'shape mismatch: {e.path} <- {given}, the model expects {want}{_hint(e.path, cfg)}')
+      rejected.add(e.path)
       continue
     if not np.issubdtype(value.dtype, np.floating):
       problems.append(f'dtype: {e.path} <- {given} is {value.dtype}, expected a float array')
+      rejected.add(e.path)
       continue
     out[e.path] = value.astype(target[e.path].dtype)
   ignored = {}
@@ -379,10 +385,22 @@ def _convert(source: str, file: str, arrays: Mapping[str, np.ndarray], entries: 
     else:
       hint = _block_hint(k, block_pattern, cfg.depth) if block_pattern else ''
       problems.append(f'unexpected key: {name(k)!r} {tuple(np.shape(arrays[k]))}{hint}')
-  converted = Converted(source, file, out, ignored=ignored, absent=absent, problems=problems)
+  converted = Converted(source, file, out, ignored=ignored, absent=absent, problems=problems, rejected=rejected)
   if problems and strict:
     raise converted.error()
   return converted
+
+
+def _hint(path: str, cfg: model_lib.EncoderConfig) -> str:
+  """Which config keys decide a parameter's shape, for the parameters whose size depends on the config."""
+  if path in ('pos_embed', 'type_embed'):
+    return (f' (data.image_size {tuple(cfg.image_size)}, model.patch_size {cfg.patch_size} and model.stride '
+            f'{cfg.stride} give {cfg.num_image_tokens} tokens; a checkpoint trained with another stride or image '
+            'size does not fit)')
+  if path == 'embeddings/word_embeddings/embedding':
+    return (f' (model.vocab_size {cfg.vocab_size} comes from the tokenizer; pretrained text weights need the '
+            'vocabulary they were trained with, e.g. data.tokenizer=wordpiece with bert-base-uncased vocab.txt)')
+  return ''
 
 
 def _linear(w: np.ndarray) -> np.ndarray:
@@ -456,16 +474,18 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
   """(n_out, n_in) interpolation weights of PyTorch's bilinear resize, align_corners=False, no antialias.
 
   Source coordinate (i + 0.5) * n_in / n_out - 0.5, clamped at 0; the upper neighbour is clamped at n_in - 1.
-  Unlike jax.image.resize, downsampling does not low-pass filter (the reference uses F.interpolate).
+  The coordinates are computed in float32, as PyTorch's CPU kernel does for float32 inputs. Unlike
+  jax.image.resize, downsampling does not low-pass filter (the reference uses F.interpolate).
   """
   out = np.zeros((n_out, n_in), np.float64)
   if n_in == n_out:
     np.fill_diagonal(out, 1.0)
     return out
-  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  f32 = np.float32
+  src = np.maximum(f32(n_in) / f32(n_out) * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
   i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
   i1 = np.minimum(i0 + 1, n_in - 1)
-  lam = np.clip(src - i0, 0.0, 1.0)
+  lam = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(np.float64)
   rows = np.arange(n_out)
   np.add.at(out, (rows, i0), 1.0 - lam)
   np.add.at(out, (rows, i1), lam)
@@ -498,11 +518,22 @@ def convert_vit(arrays: Mapping[str, np.ndarray], cfg: model_lib.EncoderConfig, 
   Attention: query/key/value kernels (width, heads, head_dim) are concatenated into `qkv` laid out q|k|v, as
   timm's conversion of the same file (which the reference loads); `out` (heads, head_dim, width) -> `proj`.
   The position embedding is resized from the checkpoint's square grid to `cfg.grid` when the shapes differ.
-  `type_embed` has no ViT counterpart and keeps its initial value (as in the reference).
+  `type_embed` has no ViT counterpart and keeps its initial value (as in the reference). Both the per-layer
+  ('Transformer/encoderblock_<i>/...') and the scanned ('Transformer/encoderblock/...', stacked) layouts are read.
   """
   notes = []
   grid = cfg.grid
   n_tokens = cfg.num_image_tokens
+  arrays = dict(arrays)
+  stacked = sorted(k for k in arrays if k.startswith('Transformer/encoderblock/'))
+  if stacked:  # the scanned layout: one array per name with a leading layer axis
+    layers = {np.shape(arrays[k])[0] if np.ndim(arrays[k]) else 0 for k in stacked}
+    for k in stacked:
+      v = arrays.pop(k)
+      for i in range(np.shape(v)[0] if np.ndim(v) else 0):
+        arrays[k.replace('encoderblock/', f'encoderblock_{i}/', 1)] = v[i]
+    notes.append(f'split {len(stacked)} scanned Transformer/encoderblock/* arrays along their layer axis '
+                 f'({", ".join(map(str, sorted(layers)))} layers)')
 
   def posemb(v):
     if v.shape[1:2] == (n_tokens,):
@@ -665,6 +696,7 @@ def merge(params: Any, converted: Sequence[Converted], allow_random: Sequence[re
       by_design.setdefault(path, why)
   all_problems += shape_problems
   allowed, matched, missing = {}, set(), []
+  rejected = set().union(*[c.rejected for c in converted])
   for path in flat:
     hits = [p for p in allow_random if p.fullmatch(path)]
     matched.update(p.pattern for p in hits)
@@ -675,7 +707,7 @@ def merge(params: Any, converted: Sequence[Converted], allow_random: Sequence[re
     elif hits:
       origin[path] = 'random'
       allowed[path] = hits[0].pattern
-    else:
+    elif path not in rejected:  # a rejected array is listed as a mismatch already
       looked = [f'{CONFIG_KEYS[c.source]} lacks {", ".join(repr(k) for k in c.absent[path])}'
                 for c in converted if path in c.absent]
       missing.append(f'  {path} {tuple(np.shape(flat[path]))}' + (f' ({"; ".join(looked)})' if looked else
