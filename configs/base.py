@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
-  c.optim.warmup_epochs = 5
+  c.optim.warmup_epochs = 5.0
   c.optim.warmup_init_lr = 5e-5
   c.optim.min_lr = 1e-5
   c.optim.grad_clip_norm = 0.0        # 0 = off
