@@ -75,7 +75,8 @@ def embed_split(params, embedder: Embedder, eval_data, log_every: int = 20) -> d
 
 
 def similarity(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:
-  """Cosine similarity (Q, G) of L2-normalized embeddings."""
+  """Scores (Q, G) as the plain dot product: the cosine of the IVT head's L2-normalized embeddings, or the part
+  head's score from its composite vectors (ivt_jax.part_model)."""
   return np.asarray(jnp.asarray(text_emb) @ jnp.asarray(image_emb).T)
 
 

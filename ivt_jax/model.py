@@ -281,11 +281,15 @@ class Encoder(nn.Module):
 
 
 def build(config: ml_collections.ConfigDict) -> nn.Module:
-  """The model selected by config.model.head: 'ivt' (the encoder; CLS embeddings)."""
+  """The model selected by config.model.head: 'ivt' (the encoder; CLS embeddings) or 'part' (the encoder plus
+  the shared-query part decoder, ivt_jax.part_model; the encoder's parameters keep their names)."""
   cfg = encoder_config(config)
   if config.model.head == 'ivt':
     return Encoder(cfg)
-  raise ValueError(f"model.head must be 'ivt', got {config.model.head!r}")
+  if config.model.head == 'part':
+    from ivt_jax import part_model  # pylint: disable=g-import-not-at-top  (part_model imports this module)
+    return part_model.build(config)
+  raise ValueError(f"model.head must be 'ivt' or 'part', got {config.model.head!r}")
 
 
 def init_module_params(module: nn.Module, rng: jax.Array):

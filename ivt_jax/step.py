@@ -1,4 +1,9 @@
-"""The pure, jit-ready functions: the training step (MLA batch + BMM drops -> CMPM) and the embedders."""
+"""The pure, jit-ready functions: the training step (MLA batch + BMM drops -> CMPM) and the embedders.
+
+The head decides the objective and the embeddings: the IVT encoder trains CMPM on its CLS embeddings and embeds
+with them; the part model (ivt_jax.part_model) adds the part losses of ivt_jax.part_losses and embeds with the
+composite vectors whose dot product is its score.
+"""
 from typing import Any
 
 import flax
@@ -8,6 +13,8 @@ import optax
 
 from ivt_jax import losses
 from ivt_jax import model as model_lib
+from ivt_jax import part_losses
+from ivt_jax import part_model
 
 LEVELS = 3  # MLA: sentence, phrase, word
 
@@ -43,13 +50,59 @@ def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder):
   return losses.cmpm_loss(x, z, pairs['person_id'])
 
 
+def part_loss_fn(params, batch: dict, rng: jax.Array, encoder: part_model.PartModel, step: jax.Array,
+                 steps_per_epoch: int):
+  """The part head's objective over the 3B pairs -> (loss, aux metrics).
+
+    loss = CMPM(g_i, g_t) + on * (match_weight * L_match + cmr_weight * L_CMR),
+    on = [step >= part.start_epoch * steps_per_epoch]
+  (L_match and L_CMR: ivt_jax.part_losses). A zero weight skips its term; before the start epoch the part
+  terms are computed (reported in aux) but contribute neither loss nor gradient.
+  """
+  p = encoder.part
+  pairs = flatten_levels(batch)
+  rng_img, rng_txt, rng_cmr = jax.random.split(rng, 3)
+  images = model_lib.normalize_images(pairs['images'])
+  gi, pi = encoder.apply({'params': params}, images, pairs['image_keep'], True, method='image_parts',
+                         rngs={'dropout': rng_img})
+  gt, pt = encoder.apply({'params': params}, pairs['text_ids'], pairs['text_mask'], pairs['text_keep'], True,
+                         method='text_parts', rngs={'dropout': rng_txt})
+  pid = pairs['person_id']
+  global_loss = losses.cmpm_loss(gi, gt, pid)
+  on = (step >= jnp.ceil(p.start_epoch * steps_per_epoch)).astype(jnp.float32)
+  aux = {'loss_global': global_loss, 'part_on': on}
+  total = global_loss
+  per_part = None
+  if p.match_weight:
+    weights = encoder.apply({'params': params}, gt, method='part_weights')
+    if p.match_loss != 'cmpm':
+      per_part = part_losses.per_part_similarity(pi, pt)
+    match = part_losses.match_loss(p.match_loss, pi, pt, weights, pid, p.temperature, per_part=per_part)
+    total = total + on * p.match_weight * match
+    aux['loss_match'] = match
+  if p.cmr_weight:
+    if per_part is None:
+      per_part = part_losses.per_part_similarity(pi, pt)
+    common = part_losses.commonality(per_part, pid, p.commonality)
+    margins = part_losses.cmr_margins(common, p.cmr_margin, p.cmr_min_margin)
+    cmr = part_losses.cmr_loss(per_part, pid, margins, p.cmr_negatives, rng_cmr)
+    total = total + on * p.cmr_weight * cmr
+    aux.update(loss_cmr=cmr, commonality_mean=jnp.mean(common), margin_mean=jnp.mean(margins))
+  return total, aux
+
+
 def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
                tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int):
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged (the step
-  still counts) and sets metrics['finite'] = 0 for the loop to stop on."""
-  del steps_per_epoch  # used by heads whose losses start at a given epoch
+  still counts) and sets metrics['finite'] = 0 for the loop to stop on. The part head adds its loss terms to
+  the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng, encoder)
+  aux = {}
+  if isinstance(encoder, part_model.PartModel):
+    (loss, aux), grads = jax.value_and_grad(part_loss_fn, has_aux=True)(
+        state.params, batch, rng, encoder, state.step, steps_per_epoch)
+  else:
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng, encoder)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -59,17 +112,26 @@ def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
                             params=keep_old(params, state.params),
                             opt_state=keep_old(opt_state, state.opt_state))
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step),
-             'finite': finite.astype(jnp.float32)}
+             'finite': finite.astype(jnp.float32), **aux}
   return new_state, metrics
 
 
 def embed_images(params, images_uint8, *, encoder: model_lib.Encoder):
-  """(B, H, W, 3) uint8 -> (B, D) L2-normalized embeddings."""
+  """(B, H, W, 3) uint8 -> (B, D) L2-normalized embeddings; for the part head the composite (B, (1 + K) D)
+  [ĝ, p̂_1..p̂_K] (each piece L2-normalized; see ivt_jax.part_model)."""
+  if isinstance(encoder, part_model.PartModel):
+    g, parts = encoder.apply({'params': params}, model_lib.normalize_images(images_uint8), method='image_parts')
+    return part_model.image_composite(g, parts, encoder.part)
   x = encoder.apply({'params': params}, model_lib.normalize_images(images_uint8), method='embed_images')
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def embed_texts(params, ids, mask, *, encoder: model_lib.Encoder):
-  """(B, L) ids and mask -> (B, D) L2-normalized embeddings."""
+  """(B, L) ids and mask -> (B, D) L2-normalized embeddings; for the part head the composite (B, (1 + K) D)
+  [ĝ, s w_1 p̂_1..s w_K p̂_K], whose dot product with the image composite is the part score."""
+  if isinstance(encoder, part_model.PartModel):
+    g, parts = encoder.apply({'params': params}, ids, mask, method='text_parts')
+    weights = encoder.apply({'params': params}, g, method='part_weights')
+    return part_model.text_composite(g, parts, weights, encoder.part)
   z = encoder.apply({'params': params}, ids, mask, method='embed_texts')
   return z / jnp.linalg.norm(z, axis=-1, keepdims=True)

@@ -1,0 +1,13 @@
+"""The part head (ivt_jax/part_model.py) on CUHK-PEDES: the cuhk.py recipe with model.head='part'.
+
+The encoder's parameters keep the IVT names, so config.init.{vit_npz,bert,ivt} load as for the IVT head; the
+part decoder's parameters (paths starting with 'part_') are allowed to stay randomly initialized.
+"""
+from configs import cuhk
+
+
+def get_config():
+  c = cuhk.get_config()
+  c.model.head = 'part'
+  c.init.allow_random = 'part_.*'
+  return c
