@@ -2,8 +2,9 @@
 
   python -m ivt_jax.main --config=configs/cuhk.py --workdir=DIR [--config.key=value ...]
 
-Several processes (GPU nodes): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
-On Cloud TPU VMs, --distributed alone (the runtime supplies the rest).
+Several processes (GPU nodes): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+(--local_device_ids=0,1,... or 'all' to choose this process's GPUs). On Cloud TPU VMs, --distributed alone (the
+runtime supplies the rest). Several CPU processes on one machine (a test setting): --cpu_collectives=gloo.
 """
 import os
 
@@ -17,8 +18,25 @@ flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0 for jax.d
 flags.DEFINE_integer('num_processes', None, 'Number of processes (jax.distributed).')
 flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
 flags.DEFINE_string('cpu_collectives', '', "CPU collectives for several CPU processes, e.g. 'gloo'.")
+flags.DEFINE_string('local_device_ids', '',
+                    "This process's GPUs (jax.distributed), comma-separated, or 'all'. Default: JAX decides, and "
+                    'under SLURM (SLURM_LOCALID set) that is one GPU per process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
+
+
+def parse_local_device_ids(value: str) -> list[int]:
+  """'0,1,2,3' -> [0, 1, 2, 3]; 'all' -> [] (jax.distributed then leaves every device visible)."""
+  if value.strip().lower() == 'all':
+    return []
+  try:
+    ids = [int(v) for v in value.split(',') if v.strip()]
+  except ValueError:
+    ids = None
+  if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+    raise app.UsageError(f"--local_device_ids={value!r}: expected distinct device numbers like '0,1,2,3', "
+                         "or 'all'")
+  return ids
 
 
 def main(argv):
@@ -32,6 +50,8 @@ def main(argv):
     if FLAGS.coordinator_address:
       kwargs = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                     process_id=FLAGS.process_id)
+    if FLAGS.local_device_ids:
+      kwargs['local_device_ids'] = parse_local_device_ids(FLAGS.local_device_ids)
     jax.distributed.initialize(**kwargs)
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),

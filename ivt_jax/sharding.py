@@ -5,6 +5,7 @@ from typing import Sequence
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ('data', 'fsdp')
@@ -64,6 +65,17 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def state_shardings(abstract_state, tx: optax.GradientTransformation, param_shardings, mesh: jax.sharding.Mesh):
+  """Shardings of a step.TrainState: optimizer moments as their parameters, everything else replicated.
+
+  abstract_state: the TrainState (of arrays or ShapeDtypeStructs) that `tx` was initialized in.
+  """
+  rep = replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                              transform_non_params=lambda _: rep)
+  return abstract_state.replace(step=rep, params=param_shardings, opt_state=opt, rng=rep)
 
 
 def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
@@ -65,13 +64,6 @@ def _resolve_data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_c
   return config
 
 
-def _state_shardings(abstract_state, tx, param_shardings, mesh):
-  replicated = sharding_lib.replicated(mesh)
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                              transform_non_params=lambda _: replicated)
-  return step_lib.TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
-
-
 def _init_params(config, module, shardings, rng):
   params = jax.jit(functools.partial(model_lib.init_module_params, module), out_shardings=shardings)(rng)
   if any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
@@ -112,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx, schedule = optim.make_optimizer(config, steps_per_epoch)
   rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda p: step_lib.create_state(p, tx, rng), abstract)
-  state_shardings = _state_shardings(abstract_state, tx, shardings, mesh)
+  state_shardings = sharding_lib.state_shardings(abstract_state, tx, shardings, mesh)
   data_iter = pipeline_lib.train_iterator(config, train_source, tokenizer, seed=config.seed,
                                           shard_index=jax.process_index(), shard_count=jax.process_count())
   manager = checkpoints.training_manager(workdir, save_every=config.checkpoint_every_steps,
