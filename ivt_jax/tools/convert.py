@@ -37,10 +37,14 @@ from ivt_jax import checkpoints
 from ivt_jax import model as model_lib
 from ivt_jax import pretrained
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
-                                          lock_config=True)
-_OUT = flags.DEFINE_string('out', None, 'Directory for the Orbax checkpoint (created).')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint already in --out.')
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defined only when run as a program, so importing this module next to other CLIs is safe."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('out', None, 'Directory for the Orbax checkpoint (created).')
+  flags.DEFINE_bool('overwrite', False, 'Replace a checkpoint already in --out.')
 
 STEP = 0
 
@@ -87,13 +91,14 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, overwrite: bool = F
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _OUT.value is None:
+  if FLAGS.out is None:
     raise app.UsageError('--out is required')
-  report = convert(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value)
+  report = convert(FLAGS.config, FLAGS.out, overwrite=FLAGS.overwrite)
   print(report)
-  print(f'wrote {os.path.abspath(os.path.expanduser(_OUT.value))}/{STEP}/{{params, meta}}')
+  print(f'wrote {os.path.abspath(os.path.expanduser(FLAGS.out))}/{STEP}/{{params, meta}}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)
