@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = 'wordpiece'      # wordpiece (bert-base-uncased vocab.txt) | sentencepiece (trained)
   c.data.vocab_file = ''              # WordPiece vocab.txt path (required for wordpiece)
   c.data.sentencepiece_vocab_size = 4000
+  c.data.sentencepiece_model_type = 'bpe'  # bpe | unigram (a unigram model splits words on small corpora)
   c.data.ids_per_batch = 7            # P identities x K images = samples per step (x3 MLA levels)
   c.data.images_per_id = 4            # K
   c.data.sample_unit = 'caption'      # caption: an epoch runs over (image, caption) pairs as the reference;

@@ -80,7 +80,8 @@ def _tokenizer_for(config, records, tmpdir: str):
     return tokenizers.load_tokenizer('wordpiece', vocab)
   caps = [c.decode() for r in records for c in r['captions']]
   path = tokenizers.train_sentencepiece(caps, os.path.join(tmpdir, 'sp'),
-                                        int(config.data.sentencepiece_vocab_size))
+                                        int(config.data.sentencepiece_vocab_size),
+                                        config.data.sentencepiece_model_type)
   return tokenizers.load_tokenizer('sentencepiece', path)
 
 

@@ -8,8 +8,8 @@ data_dir must be on storage that all hosts see (a shared file system) when there
 Config keys read: data.name, data.manual_dir, data.data_dir, data.skip_bad_records,
 data.val_fraction_ids (ICFG-PEDES only; 0 = the builder's default, 5% of the training ids),
 data.synthetic.{enabled, num_ids, images_per_id, image_size}, seed, data.tokenizer, data.vocab_file,
-data.sentencepiece_vocab_size. The SentencePiece model is trained once on the prepared training
-captions and kept as <data_dir>/<name>/spm_<vocab size>.model.
+data.sentencepiece_vocab_size, data.sentencepiece_model_type. The SentencePiece model is trained once on
+the prepared training captions and kept as <data_dir>/<name>/spm_<model type>_<vocab size>.model.
 
 Paths are local (or mounted) paths: SentencePiece and the marker use plain file I/O.
 """
@@ -78,7 +78,8 @@ def _builder(config, data_dir: str, workers: int = 1) -> tfds.core.DatasetBuilde
 def _fingerprint(config) -> str:
   """What a marker must match for a waiting process to trust it."""
   d = config.data
-  key = [d.name, d.tokenizer, d.vocab_file, int(d.sentencepiece_vocab_size), float(d.val_fraction_ids)]
+  key = [d.name, d.tokenizer, d.vocab_file, int(d.sentencepiece_vocab_size), d.sentencepiece_model_type,
+         float(d.val_fraction_ids)]
   if d.synthetic.enabled:  # different SynthPEDES parameters -> different data -> prepare again
     key.append(json.dumps(d.synthetic.to_dict(), sort_keys=True, default=list) + f'seed={config.seed}')
   return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
@@ -141,7 +142,8 @@ def _tokenizer(config, builder, data_dir: str, train: bool) -> str:
   if kind != 'sentencepiece':
     raise ValueError(f"config.data.tokenizer must be 'wordpiece' or 'sentencepiece', got {kind!r}.")
   size = int(config.data.sentencepiece_vocab_size)
-  prefix = os.path.join(data_dir, config.data.name, f'spm_{size}')
+  model_type = config.data.sentencepiece_model_type
+  prefix = os.path.join(data_dir, config.data.name, f'spm_{model_type}_{size}')
   path = prefix + '.model'
   if os.path.isfile(path) or not train:
     if not os.path.isfile(path):
@@ -153,9 +155,9 @@ def _tokenizer(config, builder, data_dir: str, train: bool) -> str:
   for i in range(len(source)):
     texts.extend(c.decode('utf-8') for c in source[i]['captions'])
   t0 = time.time()
-  path = tokenizers.train_sentencepiece(texts, prefix, size)
-  logging.info('Trained SentencePiece (%d pieces asked) on %d captions in %.1fs: %s', size, len(texts),
-               time.time() - t0, path)
+  path = tokenizers.train_sentencepiece(texts, prefix, size, model_type)
+  logging.info('Trained SentencePiece %s (%d pieces asked) on %d captions in %.1fs: %s', model_type, size,
+               len(texts), time.time() - t0, path)
   return path
 
 

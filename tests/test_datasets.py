@@ -309,7 +309,7 @@ def test_prepare_builds_once_and_opens(tmp_path):
   prepared = prepare_lib.prepare(config, str(tmp_path / 'work'), workers=1)
   assert prepared.data_dir == str(tmp_path / 'work' / 'tfds')
   assert prepared.split_sizes == {'train': 4, 'val': 4, 'test': 4}
-  assert prepared.tokenizer_path == os.path.join(prepared.data_dir, 'cuhk_pedes', 'spm_40.model')
+  assert prepared.tokenizer_path == os.path.join(prepared.data_dir, 'cuhk_pedes', 'spm_bpe_40.model')
   assert os.path.isfile(prepared.tokenizer_path) and prepared.num_bad_records == 0
   stamp = {p: os.path.getmtime(os.path.join(prepared.dataset_dir, p)) for p in os.listdir(prepared.dataset_dir)}
   stamp['spm'] = os.path.getmtime(prepared.tokenizer_path)

@@ -174,6 +174,27 @@ def test_sentencepiece_trains_and_round_trips(sp_model, training_texts):
   assert sp.decode(ids) == [' '.join(c.lower().split()) for c in caps]
 
 
+def test_sentencepiece_keeps_frequent_words_whole_on_a_small_corpus(tmp_path):
+  """A caption set with a few hundred word types: BPE gives whole words, where unigram splits them."""
+  from input_pipeline import synthetic
+  rng = np.random.default_rng(0)
+  captions = [c for a in synthetic.make_identities(300, seed=0) for _ in range(2)
+              for c in synthetic.captions_for_image(a, synthetic.sample_view(rng), rng)]
+  bpe = tokenizers.load_tokenizer('sentencepiece', tokenizers.train_sentencepiece(
+      captions, str(tmp_path / 'bpe'), 1000))
+  words = 'he is wearing a blue shirt and black pants with a red backpack'
+  ids, mask = bpe.encode([words], 64)
+  assert int(mask.sum()) == len(words.split()) + 2  # one piece per word, plus <s> and </s>
+  per_word = np.mean([bpe.encode([c], 256)[1].sum() - 2 for c in captions[:200]]) / np.mean(
+      [len(c.split()) for c in captions[:200]])
+  assert per_word < 1.3
+  unigram = tokenizers.load_tokenizer('sentencepiece', tokenizers.train_sentencepiece(
+      captions, str(tmp_path / 'unigram'), 1000, model_type='unigram'))
+  assert int(unigram.encode([words], 64)[1].sum()) > int(mask.sum())
+  with pytest.raises(ValueError, match='sentencepiece_model_type'):
+    tokenizers.train_sentencepiece(captions, str(tmp_path / 'x'), 100, model_type='char')
+
+
 def test_sentencepiece_truncation_keeps_eos(sp_model):
   sp = tokenizers.load_tokenizer('sentencepiece', sp_model)
   full, _ = sp.encode([CAPTIONS[2]], 96)
