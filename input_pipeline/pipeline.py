@@ -33,13 +33,16 @@ Training (`train_iterator`)
                 joined by ',' as the reference; with no attributes, an independently drawn phrase
                 as the reference, else the caption
   (drawn by input_pipeline.text.sample_phrase_level / sample_word_level); and BMM keep masks: per
-  view over N_img = num_image_tokens(...) tokens and per text over the L positions (padding
-  included, as the reference): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped,
+  view over N_img = num_image_tokens(...) tokens and per text over its level's L_l positions (padding
+  included, as the reference; L_l = data.text_length, data.phrase_text_length, data.word_text_length,
+  see ivt_jax.shapes.level_text_lengths): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped,
   position 0 (CLS) is always kept; drawn independently per sample, level and modality (the
   reference draws one pattern per forward for the whole batch).
   Batch (B = P K / shard_count samples on this process):
     images (B, 3, H, W, 3) uint8, text_ids (B, 3, L) int32, text_mask (B, 3, L) int32,
-    image_keep (B, 3, N_img) bool, text_keep (B, 3, L) bool, person_id (B,) int32.
+    image_keep (B, 3, N_img) bool, text_keep (B, 3, L) bool, person_id (B,) int32;
+  L = data.text_length; level l's text is encoded (cut, [SEP] kept) to L_l positions and padded to L
+  (pad ids, mask 0, keep True), so a shorter level costs the train step only L_l positions.
   Global batch g of the run is the same whatever the process or worker count: process i gets its
   rows [i B, (i + 1) B) (a P divisible by the process count keeps each identity's K samples on one
   process; the loss sees the global batch either way). Randomness comes from grain's per-element
@@ -68,6 +71,7 @@ import numpy as np
 
 from input_pipeline import augment
 from input_pipeline import text
+from ivt_jax.shapes import level_text_lengths
 from ivt_jax.shapes import num_image_tokens
 
 LEVELS = ('sentence', 'phrase', 'word')
@@ -312,10 +316,24 @@ def _encode(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndarray, n
   return ids, mask
 
 
+def _encode_levels(tokenizer, texts: Sequence[str], lengths: Sequence[int], length: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Level l's text cut to lengths[l] positions, all padded to `length`: ids, mask (len(texts), length)."""
+  if len(set(lengths)) == 1 and lengths[0] == length:
+    return _encode(tokenizer, texts, length)
+  ids = np.full((len(texts), length), getattr(tokenizer, 'pad_id', 0), np.int32)
+  mask = np.zeros((len(texts), length), np.int32)
+  for level, (t, n) in enumerate(zip(texts, lengths)):
+    i, m = _encode(tokenizer, [t], n)
+    ids[level, :n], mask[level, :n] = i[0], m[0]
+  return ids, mask
+
+
 @dataclasses.dataclass(frozen=True)
 class _Settings:
   image_size: tuple[int, int]
   text_length: int
+  level_lengths: tuple[int, int, int]
   num_image_tokens: int
   pad: int
   flip_prob: float
@@ -338,7 +356,8 @@ class _Settings:
         raise ValueError(f'data.augment.{key} must be in [0, 1], got {d.augment[key]}')
     if int(d.augment.pad) < 0:
       raise ValueError(f'data.augment.pad must be >= 0, got {d.augment.pad}')
-    return cls(size, int(d.text_length), num_image_tokens(size, int(m.patch_size), int(m.stride)),
+    return cls(size, int(d.text_length), level_text_lengths(config),
+               num_image_tokens(size, int(m.patch_size), int(m.stride)),
                int(d.augment.pad), float(d.augment.flip_prob), float(d.augment.erase_prob),
                float(d.bmm_ratio), int(d.word_level_max_attrs))
 
@@ -364,9 +383,11 @@ class _TrainSample(grain.transforms.RandomMap):
                                  erase_prob=s.erase_prob, name=name)
     texts = level_texts(captions[cap], _json_list(record, 'phrases', cap, index),
                       _json_list(record, 'attributes', cap, index), rng, s.max_attrs)
-    ids, mask = _encode(self._tokenizer, texts, s.text_length)
+    ids, mask = _encode_levels(self._tokenizer, texts, s.level_lengths, s.text_length)
     image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng) for _ in LEVELS])
-    text_keep = np.stack([bmm_keep(s.text_length, s.bmm_ratio, rng) for _ in LEVELS])
+    text_keep = np.ones((len(LEVELS), s.text_length), bool)
+    for level, n in enumerate(s.level_lengths):
+      text_keep[level, :n] = bmm_keep(n, s.bmm_ratio, rng)
     return dict(images=images, text_ids=ids, text_mask=mask, image_keep=image_keep,
                 text_keep=text_keep, person_id=np.int32(_person_id(record, index)))
 

@@ -38,6 +38,7 @@ import numpy as np
 from ivt_jax import model as model_lib
 from ivt_jax import optim
 from ivt_jax import retrieval
+from ivt_jax import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 
@@ -96,7 +97,8 @@ def analytic_train_flops(config: ml_collections.ConfigDict, batch: int) -> float
   (multiply-add = 2 FLOPs); tokens dropped by BMM are masked, not removed, so n is the full length. The patch
   convolution counts 2 (P^2 3) D per patch. Backward = 2x forward (gradients of activations and weights),
   except the patch convolution, whose input (the image) needs no gradient: 1x. The CMPM similarity
-  (3B x 3B x D) is included; elementwise operations, norms and the optimizer are not.
+  (3B x 3B x D) is included; elementwise operations, norms and the optimizer are not. Each MLA level's text
+  counts its own length (ivt_jax.shapes.level_text_lengths).
   """
   enc = model_lib.encoder_config(config)
   d, m, depth = enc.width, enc.mlp_dim, enc.depth
@@ -106,7 +108,7 @@ def analytic_train_flops(config: ml_collections.ConfigDict, batch: int) -> float
   patches = n_img - 1
   patch_fwd = 2 * patches * enc.patch_size ** 2 * 3 * d
   pairs = LEVELS * batch
-  forward = pairs * (transformer(n_img) + transformer(config.data.text_length))
+  forward = batch * sum(transformer(n_img) + transformer(n) for n in shapes.level_text_lengths(config))
   cmpm = 2 * pairs * pairs * d
   return float(3 * (forward + cmpm) + 2 * pairs * patch_fwd)
 
@@ -129,13 +131,15 @@ def random_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0) -
   length = config.data.text_length
   n_img = enc.num_image_tokens
   rng = np.random.default_rng(seed)
-  lengths = rng.integers(max(2, length // 4), length + 1, size=(batch, LEVELS))
+  level_max = np.asarray(shapes.level_text_lengths(config))
+  lengths = rng.integers(np.maximum(2, level_max // 4), level_max + 1, size=(batch, LEVELS))
   mask = (np.arange(length)[None, None, :] < lengths[..., None]).astype(np.int32)
   ids = rng.integers(1, config.model.vocab_size, size=(batch, LEVELS, length)).astype(np.int32) * mask
   key_img, key_txt = jax.random.split(jax.random.PRNGKey(seed))
   ratio = float(config.data.bmm_ratio)
   image_keep = np.asarray(model_lib.draw_keep_mask(key_img, batch * LEVELS, n_img, ratio))
   text_keep = np.asarray(model_lib.draw_keep_mask(key_txt, batch * LEVELS, length, ratio))
+  text_keep = text_keep | (np.arange(length) >= np.repeat(level_max[None], batch, 0).reshape(-1, 1))
   k = max(1, int(config.data.images_per_id))
   return {
       'images': rng.integers(0, 256, size=(batch, LEVELS, h, w, 3), dtype=np.uint8),
@@ -180,7 +184,7 @@ class TrainSetup:
     # As train.py: the state is donated, metrics come back replicated.
     self.step = jax.jit(
         functools.partial(step_lib.train_step, encoder=self.encoder, tx=self.tx, schedule=schedule,
-                          steps_per_epoch=steps_per_epoch),
+                          steps_per_epoch=steps_per_epoch, text_lengths=shapes.level_text_lengths(config)),
         in_shardings=(self.state_shardings, batch_sharding),
         out_shardings=(self.state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
 

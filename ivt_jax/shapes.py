@@ -15,3 +15,20 @@ def num_image_tokens(image_size, patch_size: int, stride: int) -> int:
   """Patches plus the CLS token."""
   gh, gw = patch_grid(image_size, patch_size, stride)
   return gh * gw + 1
+
+
+def level_text_lengths(config) -> tuple[int, int, int]:
+  """Token positions used by the (sentence, phrase, word) MLA texts at training time.
+
+  data.text_length for the sentence level (and every evaluation query); data.phrase_text_length and
+  data.word_text_length for the shorter levels (0 = data.text_length). The batch stays (B, 3,
+  data.text_length); a level's positions past its own length are padding that the train step leaves out.
+  """
+  full = int(config.data.text_length)
+  lengths = [full]
+  for key in ('phrase_text_length', 'word_text_length'):
+    n = int(config.data.get(key, 0)) or full
+    if not 2 <= n <= full:
+      raise ValueError(f'data.{key} must be 0 or in [2, data.text_length={full}], got {n}')
+    lengths.append(n)
+  return tuple(lengths)

@@ -4,7 +4,7 @@ The head decides the objective and the embeddings: the IVT encoder trains CMPM o
 with them; the part model (ivt_jax.part_model) adds the part losses of ivt_jax.part_losses and embeds with the
 composite vectors whose dot product is its score.
 """
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import flax
 import jax
@@ -38,20 +38,42 @@ def flatten_levels(batch: dict) -> dict:
   return out
 
 
-def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder):
+def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
+                text_lengths: Optional[Sequence[int]] = None):
+  """encoder.apply(method) on the 3B texts of the MLA batch, in `flatten_levels` order.
+
+  text_lengths: positions per level (ivt_jax.shapes.level_text_lengths); a level shorter than the batch's
+  L runs as its own forward on its first positions (the rest is padding, masked either way), so the
+  short phrase and word texts cost what they hold. None (or all equal to L): one forward over (3B, L).
+  """
+  length = batch['text_ids'].shape[-1]
+  run = lambda ids, mask, keep, r: encoder.apply({'params': params}, ids, mask, keep, True, method=method,
+                                                 rngs={'dropout': r})
+  if text_lengths is None or all(int(n) == length for n in text_lengths):
+    pairs = flatten_levels({k: batch[k] for k in ('text_ids', 'text_mask', 'text_keep', 'person_id')})
+    return run(pairs['text_ids'], pairs['text_mask'], pairs['text_keep'], rng)
+  if len(text_lengths) != LEVELS or max(text_lengths) > length:
+    raise ValueError(f'text_lengths {tuple(text_lengths)} do not fit the batch\'s {LEVELS} levels of {length}')
+  outs = [run(batch['text_ids'][:, l, :n], batch['text_mask'][:, l, :n], batch['text_keep'][:, l, :n],
+              jax.random.fold_in(rng, l)) for l, n in enumerate(text_lengths)]
+  # (B, ...) per level -> (B, 3, ...) -> (3B, ...): sample-major, as flatten_levels.
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:]), *outs)
+
+
+def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder,
+            text_lengths: Optional[Sequence[int]] = None):
   """CMPM over the 3B (image view, text) pairs of the MLA batch, with the batch's BMM keep masks."""
   pairs = flatten_levels(batch)
   rng_img, rng_txt = jax.random.split(rng)
   images = model_lib.normalize_images(pairs['images'])
   x = encoder.apply({'params': params}, images, pairs['image_keep'], True, method='embed_images',
                     rngs={'dropout': rng_img})
-  z = encoder.apply({'params': params}, pairs['text_ids'], pairs['text_mask'], pairs['text_keep'], True,
-                    method='embed_texts', rngs={'dropout': rng_txt})
+  z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths)
   return losses.cmpm_loss(x, z, pairs['person_id'])
 
 
 def part_loss_fn(params, batch: dict, rng: jax.Array, encoder: part_model.PartModel, step: jax.Array,
-                 steps_per_epoch: int):
+                 steps_per_epoch: int, text_lengths: Optional[Sequence[int]] = None):
   """The part head's objective over the 3B pairs -> (loss, aux metrics).
 
     loss = CMPM(g_i, g_t) + on * (match_weight * L_match + cmr_weight * L_CMR),
@@ -65,8 +87,7 @@ def part_loss_fn(params, batch: dict, rng: jax.Array, encoder: part_model.PartMo
   images = model_lib.normalize_images(pairs['images'])
   gi, pi = encoder.apply({'params': params}, images, pairs['image_keep'], True, method='image_parts',
                          rngs={'dropout': rng_img})
-  gt, pt = encoder.apply({'params': params}, pairs['text_ids'], pairs['text_mask'], pairs['text_keep'], True,
-                         method='text_parts', rngs={'dropout': rng_txt})
+  gt, pt = apply_texts(params, batch, rng_txt, encoder, 'text_parts', text_lengths)
   pid = pairs['person_id']
   global_loss = losses.cmpm_loss(gi, gt, pid)
   on = (step >= jnp.ceil(p.start_epoch * steps_per_epoch)).astype(jnp.float32)
@@ -92,17 +113,19 @@ def part_loss_fn(params, batch: dict, rng: jax.Array, encoder: part_model.PartMo
 
 
 def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int):
+               tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int,
+               text_lengths: Optional[Sequence[int]] = None):
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged (the step
   still counts) and sets metrics['finite'] = 0 for the loop to stop on. The part head adds its loss terms to
-  the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on)."""
+  the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on). text_lengths: see
+  `apply_texts` (static)."""
   rng = jax.random.fold_in(state.rng, state.step)
   aux = {}
   if isinstance(encoder, part_model.PartModel):
     (loss, aux), grads = jax.value_and_grad(part_loss_fn, has_aux=True)(
-        state.params, batch, rng, encoder, state.step, steps_per_epoch)
+        state.params, batch, rng, encoder, state.step, steps_per_epoch, text_lengths)
   else:
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng, encoder)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng, encoder, text_lengths)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

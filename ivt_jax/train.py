@@ -24,6 +24,7 @@ from ivt_jax import checkpoints
 from ivt_jax import evaluate as evaluate_lib
 from ivt_jax import model as model_lib
 from ivt_jax import optim
+from ivt_jax import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 
@@ -123,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = jax.jit(
       functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
-                        steps_per_epoch=steps_per_epoch),
+                        steps_per_epoch=steps_per_epoch, text_lengths=shapes.level_text_lengths(config)),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
   embed_args = (config, encoder, mesh, shardings, prepared, tokenizer)

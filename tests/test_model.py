@@ -194,3 +194,36 @@ def test_config_errors_name_the_key():
   _, cfg, enc, p = _setup()
   with pytest.raises(ValueError, match='data.image_size'):
     enc.apply({'params': p}, jnp.zeros((1, 32, 32, 3)), method=enc.embed_images)
+
+
+def test_short_levels_run_on_their_own_positions_with_the_same_loss_and_gradients():
+  """step.loss_fn with per-level text lengths == one forward over the full length, when the rest is padding."""
+  from ivt_jax import step
+  c, cfg, enc, p = _setup(drop_path=0.0, text_embed_dropout=0.0)
+  rng = np.random.default_rng(1)
+  b, length, lengths = 4, 16, (16, 9, 6)
+  h, w = cfg.image_size
+  n_tok = np.stack([rng.integers(3, n + 1, b) for n in lengths], 1)  # (B, 3) real tokens per text
+  mask = (np.arange(length)[None, None] < n_tok[..., None]).astype(np.int32)
+  keep = np.stack([np.stack([np.asarray(model.draw_keep_mask(jax.random.key(10 * i + l), 1, n, 0.2))[0].tolist()
+                             + [True] * (length - n) for l, n in enumerate(lengths)]) for i in range(b)])
+  batch = dict(images=jnp.asarray(rng.integers(0, 256, (b, 3, h, w, 3)), jnp.uint8),
+               text_ids=jnp.asarray(rng.integers(1, cfg.vocab_size, (b, 3, length)) * mask, jnp.int32),
+               text_mask=jnp.asarray(mask), text_keep=jnp.asarray(keep),
+               image_keep=jnp.ones((b, 3, cfg.num_image_tokens), bool),
+               person_id=jnp.asarray([0, 0, 1, 1], jnp.int32))
+  key = jax.random.key(0)
+  loss_and_grad = jax.jit(jax.value_and_grad(step.loss_fn), static_argnums=(3, 4))
+  whole, g_whole = loss_and_grad(p, batch, key, enc, None)
+  short, g_short = loss_and_grad(p, batch, key, enc, lengths)
+  np.testing.assert_allclose(short, whole, rtol=1e-5)
+  for a, r in zip(jax.tree_util.tree_leaves(g_short), jax.tree_util.tree_leaves(g_whole)):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
+  # Real tokens past a level's length are left out: those texts' embeddings change, no others.
+  z = lambda n: np.asarray(step.apply_texts(p, batch, key, enc, 'embed_texts', n)).reshape(b, 3, -1)
+  z_whole, z_cut = z(None), z((16, 4, 6))
+  np.testing.assert_allclose(z_cut[:, 2], z_whole[:, 2], rtol=1e-4, atol=1e-5)
+  changed = np.abs(z_cut[:, 1] - z_whole[:, 1]).max(-1) > 1e-3
+  np.testing.assert_array_equal(changed, n_tok[:, 1] > 4)
+  with pytest.raises(ValueError, match='do not fit'):
+    step.loss_fn(p, batch, key, enc, (16, 17, 6))

@@ -287,6 +287,29 @@ def test_bmm_keep_masks():
   assert counts == set(range(7))
 
 
+def test_level_text_lengths_cut_and_pad_each_level():
+  config = make_config(phrase_text_length=20, word_text_length=12)
+  it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=0, shard_index=0, shard_count=1)
+  full = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=0, shard_index=0,
+                                 shard_count=1)
+  short, long_ = take(it, 4), take(full, 4)
+  for b, f in zip(short, long_):
+    assert b['text_ids'].shape == f['text_ids'].shape == (6, 3, 128)
+    np.testing.assert_array_equal(b['images'], f['images'])          # same draws, only texts cut
+    for level, n in enumerate((128, 20, 12)):
+      ids, mask, keep = b['text_ids'][:, level], b['text_mask'][:, level], b['text_keep'][:, level]
+      assert not mask[:, n:].any() and (ids[:, n:] == 0).all() and keep[:, n:].all()
+      for row, ref in zip(ids, f['text_ids'][:, level]):
+        text, whole = CharTokenizer.decode(row), CharTokenizer.decode(ref)
+        assert whole.startswith(text) and len(text) == min(len(whole), n - 2)
+        assert row[min(len(whole), n - 2) + 1] == 2                    # [SEP] kept at the cut
+      dropped = (~keep[:, :n]).sum(-1)
+      assert dropped.max() <= math.floor(0.2 * n)
+  with pytest.raises(ValueError, match='data.word_text_length'):
+    pipeline.train_iterator(make_config(word_text_length=129), SOURCE, CharTokenizer(), seed=0,
+                            shard_index=0, shard_count=1)
+
+
 def test_determinism_and_seeds():
   config = make_config()
   a = take(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=7, shard_index=0,
