@@ -28,6 +28,9 @@ def get_config():
   c.part.start_epoch = 0.5            # part losses on after 50 steps
   c.num_epochs = 3                    # 3 x 100 steps (800 images x 2 captions / 16 per step)
   c.optim.warmup_epochs = 0
+  c.optim.lr = 1e-3
+  c.data.phrase_text_length = 0       # every level at data.text_length, as when the ablation was measured
+  c.data.word_text_length = 0
   c.eval_every_epochs = 1000          # val once at the end, then test
   c.log_every_steps = 25
   c.checkpoint_every_steps = 10000
