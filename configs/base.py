@@ -27,8 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic.hard_negative_fraction = 0.25
   c.data.image_size = (384, 128)      # (H, W) after resize
   c.data.text_length = 64             # tokens incl. [CLS]/[SEP], padded
-  c.data.phrase_text_length = 0       # training positions of the phrase level (0 = text_length)
-  c.data.word_text_length = 0         # training positions of the word level (0 = text_length)
+  c.data.phrase_text_length = 0       # training positions of the phrase level (0 = text_length; at most it)
+  c.data.word_text_length = 0         # training positions of the word level (0 = text_length; at most it)
   c.data.tokenizer = 'wordpiece'      # wordpiece (bert-base-uncased vocab.txt) | sentencepiece (trained)
   c.data.vocab_file = ''              # WordPiece vocab.txt path (required for wordpiece)
   c.data.sentencepiece_vocab_size = 4000

@@ -21,14 +21,15 @@ def level_text_lengths(config) -> tuple[int, int, int]:
   """Token positions used by the (sentence, phrase, word) MLA texts at training time.
 
   data.text_length for the sentence level (and every evaluation query); data.phrase_text_length and
-  data.word_text_length for the shorter levels (0 = data.text_length). The batch stays (B, 3,
+  data.word_text_length for the shorter levels (0 = data.text_length; a larger value is cut to
+  data.text_length, so that lowering data.text_length alone stays valid). The batch stays (B, 3,
   data.text_length); a level's positions past its own length are padding that the train step leaves out.
   """
   full = int(config.data.text_length)
   lengths = [full]
   for key in ('phrase_text_length', 'word_text_length'):
-    n = int(config.data.get(key, 0)) or full
-    if not 2 <= n <= full:
-      raise ValueError(f'data.{key} must be 0 or in [2, data.text_length={full}], got {n}')
-    lengths.append(n)
+    n = int(config.data.get(key, 0))
+    if n != 0 and n < 2:
+      raise ValueError(f'data.{key} must be 0 (= data.text_length) or at least 2, got {n}')
+    lengths.append(min(n, full) if n else full)
   return tuple(lengths)

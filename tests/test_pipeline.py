@@ -306,8 +306,12 @@ def test_level_text_lengths_cut_and_pad_each_level():
       dropped = (~keep[:, :n]).sum(-1)
       assert dropped.max() <= math.floor(0.2 * n)
   with pytest.raises(ValueError, match='data.word_text_length'):
-    pipeline.train_iterator(make_config(word_text_length=129), SOURCE, CharTokenizer(), seed=0,
+    pipeline.train_iterator(make_config(word_text_length=1), SOURCE, CharTokenizer(), seed=0,
                             shard_index=0, shard_count=1)
+  # Longer than data.text_length: cut to it, the same batches as the default.
+  longer = pipeline.train_iterator(make_config(word_text_length=129, phrase_text_length=500), SOURCE,
+                                   CharTokenizer(), seed=0, shard_index=0, shard_count=1)
+  assert_batches_equal(take(longer, 2), long_[:2])
 
 
 def test_determinism_and_seeds():
