@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ivt_jax import tools
+
 
 def attention_layers(intermediates) -> list:
   """The sown attention probabilities, one (B, heads, N, N) array per block, in block order.
@@ -243,11 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
   """`main` with bad input reported as one line, exit status 2."""
-  try:
-    return main(argv)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  return tools.run_cli(main, argv)
 
 
 if __name__ == '__main__':

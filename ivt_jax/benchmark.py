@@ -139,7 +139,7 @@ def random_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0) -
   ratio = float(config.data.bmm_ratio)
   image_keep = np.asarray(model_lib.draw_keep_mask(key_img, batch * LEVELS, n_img, ratio))
   text_keep = np.asarray(model_lib.draw_keep_mask(key_txt, batch * LEVELS, length, ratio))
-  text_keep = text_keep | (np.arange(length) >= np.repeat(level_max[None], batch, 0).reshape(-1, 1))
+  text_keep = text_keep | (np.arange(length) >= np.tile(level_max, batch)[:, None])  # past each level's length
   k = max(1, int(config.data.images_per_id))
   return {
       'images': rng.integers(0, 256, size=(batch, LEVELS, h, w, 3), dtype=np.uint8),

@@ -59,6 +59,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from ivt_jax import tools
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 MANIFEST = 'manifest.json'
 INDEX_FORMAT = 'ivt-jax-image-index'
@@ -669,11 +671,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
   """`main` with bad input (missing files, another model's index, ...) reported as one line, status 2."""
-  try:
-    return main(argv)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  return tools.run_cli(main, argv)
 
 
 if __name__ == '__main__':
