@@ -9,6 +9,13 @@ the embedding; retrieval compares embeddings by cosine.
 Numerics follow the reference: LayerNorm eps 1e-6 in the blocks, exact (erf) GELU, additive (1 - mask) * -10000
 attention masks, stochastic depth linearly 0 -> drop_path over the blocks, qkv with bias.
 
+Fresh parameters (training from scratch; loaded checkpoints replace them): truncated normal with std 0.02 for
+CLS, position and type embeddings, normal(0.02) for the text embeddings, and truncated normal with std
+`model.init_std` (0.02, ViT-B/BERT's value, by default) for every block's qkv, proj, fc1 and fc2 kernels. 0.02
+suits width 768; a narrow model gets nearly-identity blocks from it, and the text [CLS] then leaves the untrained
+transformer almost the same for every caption, which stalls CMPM at its chance value for the first hundreds of
+steps (configs/demo.py uses 0.08, about 1/sqrt(width) at width 128).
+
 BMM token dropping is done by masking, not by removal, so that every shape is static under jit: a dropped token
 is excluded as a key in every layer with the same additive -10000 used for padding. Every kept token (CLS
 included) then attends to exactly the kept tokens, with the dropped ones contributing exp(-10000 + s) = 0 (exactly
@@ -53,6 +60,7 @@ class EncoderConfig:
   dtype: str = 'float32'
   attention: str = 'xla'
   remat: bool = False
+  init_std: float = 0.02
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -70,6 +78,8 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
     raise ValueError(f'model.width ({m.width}) must be divisible by model.num_heads ({m.num_heads})')
   if m.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+  if not m.init_std > 0:
+    raise ValueError(f'model.init_std must be positive, got {m.init_std}')
   if m.attention not in ('xla', 'cudnn', 'auto'):
     raise ValueError(f"model.attention must be 'xla', 'cudnn' or 'auto', got {m.attention!r}")
   if config.data.text_length > m.max_text_positions:
@@ -82,7 +92,7 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
       depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
       max_text_positions=m.max_text_positions, type_vocab_size=m.type_vocab_size, drop_path=m.drop_path,
       text_embed_dropout=m.text_embed_dropout, bmm_ratio=config.data.bmm_ratio, ln_eps=m.ln_eps,
-      text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat)
+      text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat, init_std=m.init_std)
 
 
 def normalize_images(images_uint8: jax.Array) -> jax.Array:
@@ -106,16 +116,18 @@ def draw_keep_mask(rng: jax.Array, batch: int, length: int, ratio: float) -> jax
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2."""
+  """fc1 -> exact GELU -> fc2; kernels truncated-normal(init_std)."""
   hidden: int
   dtype: Any = jnp.float32
+  init_std: float = 0.02
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(x)
+    init = nn.initializers.truncated_normal(stddev=self.init_std)
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init, name='fc1')(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=_trunc_normal, name='fc2')(x)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=init, name='fc2')(x)
 
 
 class Attention(nn.Module):
@@ -123,13 +135,15 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   implementation: str = 'xla'
+  init_std: float = 0.02
 
   @nn.compact
   def __call__(self, x, key_bias):
     """x: (B, N, D); key_bias: (B, N) float32, 0 for attended keys and -10000 for masked ones."""
     b, n, d = x.shape
     h = self.num_heads
-    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_trunc_normal, name='qkv')(x)
+    init = nn.initializers.truncated_normal(stddev=self.init_std)
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=init, name='qkv')(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)  # each (B, N, 1, H, Dh)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     bias = key_bias[:, None, None, :]  # (B, 1, 1, N)
@@ -143,7 +157,7 @@ class Attention(nn.Module):
       impl = None if self.implementation == 'auto' else self.implementation
       out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=impl)
     out = out.reshape(b, n, d)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=_trunc_normal, name='proj')(out)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=init, name='proj')(out)
 
 
 class Block(nn.Module):
@@ -154,6 +168,7 @@ class Block(nn.Module):
   ln_eps: float
   dtype: Any = jnp.float32
   implementation: str = 'xla'
+  init_std: float = 0.02
 
   def _drop_path(self, y, deterministic):
     if deterministic or self.drop_path == 0.0:
@@ -165,12 +180,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, key_bias, modality: str, deterministic: bool):
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-    attn = Attention(self.num_heads, self.dtype, self.implementation, name='attn')
+    attn = Attention(self.num_heads, self.dtype, self.implementation, self.init_std, name='attn')
     x = x + self._drop_path(attn(norm('norm1')(x), key_bias), deterministic)
     y = norm('norm2')(x)
     # Both MLPs exist in every block; only the modality's one runs.
-    mlp_vis = Mlp(self.mlp_dim, self.dtype, name='mlp_vis')
-    mlp_txt = Mlp(self.mlp_dim, self.dtype, name='mlp_txt')
+    mlp_vis = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_vis')
+    mlp_txt = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_txt')
     if self.is_initializing():
       _ = mlp_txt(y) if modality == 'image' else mlp_vis(y)
     y = mlp_vis(y) if modality == 'image' else mlp_txt(y)
@@ -223,7 +238,7 @@ class Encoder(nn.Module):
                                      c.text_ln_eps, c.text_embed_dropout, dtype)
     block = nn.remat(Block, static_argnums=(3, 4)) if c.remat else Block
     rates = np.linspace(0.0, c.drop_path, c.depth)
-    self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention)
+    self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention, c.init_std)
                    for i in range(c.depth)]
     self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=dtype)
 

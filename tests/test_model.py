@@ -191,6 +191,8 @@ def test_config_errors_name_the_key():
   c = tiny_config(dtype='float16')
   with pytest.raises(ValueError, match='model.dtype'):
     model.encoder_config(c)
+  with pytest.raises(ValueError, match='model.init_std'):
+    model.encoder_config(tiny_config(init_std=0.0))
   _, cfg, enc, p = _setup()
   with pytest.raises(ValueError, match='data.image_size'):
     enc.apply({'params': p}, jnp.zeros((1, 32, 32, 3)), method=enc.embed_images)
@@ -227,3 +229,19 @@ def test_short_levels_run_on_their_own_positions_with_the_same_loss_and_gradient
   np.testing.assert_array_equal(changed, n_tok[:, 1] > 4)
   with pytest.raises(ValueError, match='do not fit'):
     step.loss_fn(p, batch, key, enc, (16, 17, 6))
+
+
+def test_init_std_sets_the_block_kernels_only():
+  """model.init_std scales the fresh qkv/proj/fc1/fc2 kernels of every block (truncated normal: the sample
+  std is 0.88 x the given one); embeddings, CLS and norms keep their initialization."""
+  *_, p02 = _setup(width=64, mlp_dim=128)
+  *_, p08 = _setup(width=64, mlp_dim=128, init_std=0.08)
+  for blk in ('blocks_0', 'blocks_1'):
+    for path in (('attn', 'qkv'), ('attn', 'proj'), ('mlp_vis', 'fc1'), ('mlp_txt', 'fc2')):
+      k02, k08 = p02[blk][path[0]][path[1]]['kernel'], p08[blk][path[0]][path[1]]['kernel']
+      np.testing.assert_allclose(float(jnp.std(k02)), 0.02 * 0.88, rtol=0.1)
+      np.testing.assert_allclose(float(jnp.std(k08)), 0.08 * 0.88, rtol=0.1)
+  for name in ('cls_token', 'pos_embed', 'type_embed'):
+    np.testing.assert_array_equal(p02[name], p08[name])
+  np.testing.assert_array_equal(p02['embeddings']['word_embeddings']['embedding'],
+                                p08['embeddings']['word_embeddings']['embedding'])
