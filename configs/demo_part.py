@@ -30,8 +30,8 @@ def get_config():
   c.optim.warmup_epochs = 0
   c.optim.lr = 1e-3
   c.data.phrase_text_length = 0       # every level at data.text_length, as when the ablation was measured
-  c.model.init_std = 0.02             # the reference's init, as when the ablation was measured
   c.data.word_text_length = 0
+  c.model.init_std = 0.02             # the reference's init, as when the ablation was measured
   c.eval_every_epochs = 1000          # val once at the end, then test
   c.log_every_steps = 25
   c.checkpoint_every_steps = 10000

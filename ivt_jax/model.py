@@ -10,11 +10,12 @@ Numerics follow the reference: LayerNorm eps 1e-6 in the blocks, exact (erf) GEL
 attention masks, stochastic depth linearly 0 -> drop_path over the blocks, qkv with bias.
 
 Fresh parameters (training from scratch; loaded checkpoints replace them): truncated normal with std 0.02 for
-CLS, position and type embeddings, normal(0.02) for the text embeddings, and truncated normal with std
-`model.init_std` (0.02, ViT-B/BERT's value, by default) for every block's qkv, proj, fc1 and fc2 kernels. 0.02
-suits width 768; a narrow model gets nearly-identity blocks from it, and the text [CLS] then leaves the untrained
-transformer almost the same for every caption, which stalls CMPM at its chance value for the first hundreds of
-steps (configs/demo.py uses 0.08, about 1/sqrt(width) at width 128).
+CLS, position and type embeddings, normal(0.02) for the text embeddings, normal(sqrt(2 / fan_out)) for the patch
+convolution, and truncated normal with std `model.init_std` (0.02, ViT-B/BERT's value, by default) for every
+block's qkv, proj, fc1 and fc2 kernels. 0.02 suits width 768; a narrow model gets nearly-identity blocks from it,
+and the text [CLS] then leaves the untrained transformer almost the same for every caption, which held CMPM at its
+chance value for 100 to 250 steps at width 128 (configs/demo.py uses 0.08, about 1/sqrt(width), which shortens
+that).
 
 BMM token dropping is done by masking, not by removal, so that every shape is static under jit: a dropped token
 is excluded as a key in every layer with the same additive -10000 used for padding. Every kept token (CLS
