@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict()  # SynthPEDES generation when manual_dir is absent
   c.data.synthetic.enabled = False
   c.data.synthetic.num_ids = 0
-  c.data.synthetic.images_per_id = 0
+  c.data.synthetic.images_per_id = 0        # per training identity
+  c.data.synthetic.eval_images_per_id = 0   # per val/test identity (0: images_per_id)
   c.data.synthetic.image_size = (0, 0)
   c.data.synthetic.val_ids = 0
   c.data.synthetic.test_ids = 0

@@ -95,15 +95,20 @@ def _maybe_generate_synthetic(config, manual_dir: str, workers: int) -> None:
   for key in ('num_ids', 'images_per_id'):
     if int(syn[key]) <= 0:
       raise ValueError(f'config.data.synthetic.{key} must be > 0 to generate SynthPEDES, got {syn[key]}.')
+  if int(syn.eval_images_per_id) < 0:
+    raise ValueError('config.data.synthetic.eval_images_per_id must be >= 0 (0: images_per_id), got '
+                     f'{syn.eval_images_per_id}.')
   if len(syn.image_size) != 2 or min(syn.image_size) <= 0:
     raise ValueError(f'config.data.synthetic.image_size must be (H, W) > 0, got {tuple(syn.image_size)}.')
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-  logging.info('SynthPEDES in %s (%d ids x %d images; generated unless already there with these '
-               'parameters).', manual_dir, syn.num_ids, syn.images_per_id)
+  eval_images = int(syn.eval_images_per_id) or int(syn.images_per_id)
+  logging.info('SynthPEDES in %s (%d ids; %d images per training id, %d per val/test id; generated unless '
+               'already there with these parameters).', manual_dir, syn.num_ids, syn.images_per_id, eval_images)
   synthetic.generate(manual_dir, int(syn.num_ids), int(syn.images_per_id), seed=int(config.seed),
                      image_size=tuple(int(s) for s in syn.image_size), val_ids=int(syn.val_ids) or None,
                      test_ids=int(syn.test_ids) or None,
-                     hard_negative_fraction=float(syn.hard_negative_fraction), workers=workers)
+                     hard_negative_fraction=float(syn.hard_negative_fraction), workers=workers,
+                     eval_images_per_id=eval_images)
 
 
 def _check_manual_dir(config, manual_dir: str) -> None:

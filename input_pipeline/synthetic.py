@@ -18,11 +18,13 @@ of CUHK-PEDES and name only drawn attributes, with colour names from a palette o
 Everything is deterministic given the arguments: identities from `seed`, each image from its own seed
 (seed, id, image index), so `workers` changes the speed and never the bytes.
 
-CLI: python -m input_pipeline.synthetic --out DIR [--ids 500 --images-per-id 4 --seed 0 --height 192
-     --width 64 --val-ids V --test-ids T --hard-negative-fraction 0.25 --workers 2]
+CLI: python -m input_pipeline.synthetic --out DIR [--ids 500 --images-per-id 4 --eval-images-per-id 4 --seed 0
+     --height 192 --width 64 --val-ids V --test-ids T --hard-negative-fraction 0.25 --workers 2]
 """
 import argparse
+import bisect
 import concurrent.futures
+import functools
 import json
 import math
 import multiprocessing
@@ -38,10 +40,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump when drawing or captions change: an existing directory is then regenerated.
-VERSION = 1
+VERSION = 2  # 2: splits sampled test first; image seeds keyed by position within the split
 PARAMS_FILE = 'synthpedes.json'
 JSON_FILE = 'reid_raw.json'
 SPLITS = ('train', 'val', 'test')
+SAMPLING_ORDER = ('test', 'val', 'train')  # see make_identities
 DEFAULT_IMAGE_SIZE = (192, 64)  # (H, W)
 MIN_IMAGE_SIZE = (48, 20)
 _SS = 2  # drawing supersampling factor (anti-aliasing)
@@ -107,8 +110,18 @@ _HARD_WEIGHTS = {'hair_style': 1.0, 'hair_colour': 1.0, 'upper_type': 1.0, 'uppe
 def _choice(rng: np.random.Generator, options: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
   if weights is None:
     return options[int(rng.integers(len(options)))]
+  # The same draw as rng.choice(len(options), p=weights / sum): one rng.random() looked up in the normalized
+  # cdf; without choice's per-call checks, which made sampling identities slow.
+  return options[bisect.bisect_right(_cdf(tuple(weights)), rng.random())]
+
+
+@functools.lru_cache(maxsize=256)
+def _cdf(weights: tuple[float, ...]) -> list[float]:
+  """The cdf Generator.choice builds from p = weights / sum(weights), as floats."""
   p = np.asarray(weights, np.float64)
-  return options[int(rng.choice(len(options), p=p / p.sum()))]
+  cdf = np.cumsum(p / p.sum())
+  cdf /= cdf[-1]
+  return cdf.tolist()
 
 
 def _colour(rng, weights: dict[str, float] | None = None, exclude: Sequence[str] = ()) -> str:
@@ -305,18 +318,20 @@ def make_identities(num_ids: int, seed: int = 0, val_ids: int | None = None, tes
                     hard_negative_fraction: float = 0.25) -> list[dict[str, Any]]:
   """All identities: dicts of attributes plus 'id' (from 1), 'split' and 'hard_negative_of' (id or None).
 
-  Ids are consecutive per split (train, then val, then test). Within a split the base identities prefer
-  an unused (upper colour, lower colour) pair, then round(fraction * n) hard negatives copy a base
-  identity of the same split with 1 or 2 described groups changed. No two identities share
-  `described_key`.
+  Ids are consecutive per split (train, then val, then test). The splits are sampled test first, then val,
+  then train, so the test identities depend only on (seed, test_ids, fraction) and the val identities on
+  those and val_ids: adding training identities leaves the evaluation splits as they were. Within a split
+  the base identities prefer an unused (upper colour, lower colour) pair, then round(fraction * n) hard
+  negatives copy a base identity of the same split with 1 or 2 described groups changed. No two identities
+  share `described_key`.
   """
   if not 0.0 <= hard_negative_fraction < 1.0:
     raise ValueError(f'hard_negative_fraction must be in [0, 1), got {hard_negative_fraction}.')
   sizes = split_sizes(num_ids, val_ids, test_ids)
   rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E1D]))
   used: set[tuple] = set()
-  identities: list[dict[str, Any]] = []
-  for split in SPLITS:
+  by_split: dict[str, list[dict[str, Any]]] = {}  # in id order within the split
+  for split in SAMPLING_ORDER:
     n = sizes[split]
     n_hard = min(round(hard_negative_fraction * n), n - 1) if n > 1 else 0
     base: list[dict[str, Any]] = []
@@ -354,14 +369,18 @@ def make_identities(num_ids: int, seed: int = 0, val_ids: int | None = None, tes
       hard.append((src, a))
     members = base + [a for _, a in hard]
     order = rng.permutation(len(members))
-    first_id = len(identities) + 1
-    new_id = {int(old): first_id + pos for pos, old in enumerate(order)}
+    position = {int(old): pos for pos, old in enumerate(order)}
     for src, a in hard:
-      a['hard_negative_of'] = new_id[src]
-    for old in order:
-      a = members[int(old)]
+      a['hard_negative_of'] = position[src]  # made an id below
+    by_split[split] = [members[int(old)] for old in order]
+  identities: list[dict[str, Any]] = []
+  for split in SPLITS:
+    first_id = len(identities) + 1
+    for pos, a in enumerate(by_split[split]):
       a['split'] = split
-      a['id'] = new_id[int(old)]
+      a['id'] = first_id + pos
+      if a['hard_negative_of'] is not None:
+        a['hard_negative_of'] += first_id
       identities.append(a)
   return identities
 
@@ -1338,9 +1357,10 @@ def _occlude(scene: Image.Image, rng, cx: float, ground: float, h: float) -> Non
 # ---- the dataset ---------------------------------------------------------------------------------------
 
 
-def _image_seed(seed: int, pid: int, n: int, stream: int) -> list[int]:
-  """Seed of one image's random stream: 1 facing, 2 captions, 3 drawing."""
-  return [seed, pid, n, stream]
+def _image_seed(seed: int, split: str, index: int, n: int, stream: int) -> list[int]:
+  """Seed of image n of the index-th identity of a split; stream 1 facing, 2 captions, 3 drawing. Keyed by
+  the position within the split, not the id, so a split's images do not change when another split grows."""
+  return [seed, SPLITS.index(split), index, n, stream]
 
 
 def _render_job(job: tuple) -> None:
@@ -1353,18 +1373,21 @@ def _file_path(split: str, pid: int, n: int, num_ids: int, images_per_id: int) -
   return f'{split}/{pid:0{max(4, len(str(num_ids)))}d}_{n:0{max(2, len(str(images_per_id - 1)))}d}.png'
 
 
-def _params(num_ids, images_per_id, seed, image_size, val_ids, test_ids, hard_negative_fraction) -> dict:
+def _params(num_ids, images_per_id, seed, image_size, val_ids, test_ids, hard_negative_fraction,
+            eval_images_per_id) -> dict:
   sizes = split_sizes(num_ids, val_ids, test_ids)
-  return {'version': VERSION, 'num_ids': int(num_ids), 'images_per_id': int(images_per_id), 'seed': int(seed),
+  return {'version': VERSION, 'num_ids': int(num_ids), 'images_per_id': int(images_per_id),
+          'eval_images_per_id': int(eval_images_per_id), 'seed': int(seed),
           'image_size': [int(image_size[0]), int(image_size[1])], 'val_ids': sizes['val'],
           'test_ids': sizes['test'], 'hard_negative_fraction': float(hard_negative_fraction)}
 
 
-def _check_args(num_ids, images_per_id, image_size, workers) -> None:
+def _check_args(num_ids, images_per_id, eval_images_per_id, image_size, workers) -> None:
   if not isinstance(num_ids, (int, np.integer)) or num_ids < 1:
     raise ValueError(f'num_ids must be a positive int, got {num_ids!r}.')
-  if not isinstance(images_per_id, (int, np.integer)) or images_per_id < 1:
-    raise ValueError(f'images_per_id must be a positive int, got {images_per_id!r}.')
+  for name, value in (('images_per_id', images_per_id), ('eval_images_per_id', eval_images_per_id)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f'{name} must be a positive int, got {value!r}.')
   if len(image_size) != 2 or image_size[0] < MIN_IMAGE_SIZE[0] or image_size[1] < MIN_IMAGE_SIZE[1]:
     raise ValueError(f'image_size must be (H, W) with H >= {MIN_IMAGE_SIZE[0]} and W >= {MIN_IMAGE_SIZE[1]}, '
                      f'got {tuple(image_size)}.')
@@ -1387,15 +1410,19 @@ def is_complete(out_dir: str, params: dict | None = None) -> bool:
 def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
              image_size: Sequence[int] = DEFAULT_IMAGE_SIZE, val_ids: int | None = None,
              test_ids: int | None = None, hard_negative_fraction: float = 0.25, workers: int = 1,
-             log_every: int = 500) -> str:
+             log_every: int = 500, eval_images_per_id: int | None = None) -> str:
   """Writes SynthPEDES into out_dir (see the module docstring); returns the path of reid_raw.json.
 
   Skips the work when out_dir already holds a complete generation with the same parameters. val_ids /
-  test_ids default to 10% of num_ids each. `workers` > 1 draws in that many processes (same bytes).
+  test_ids default to 10% of num_ids each. images_per_id is per training identity; eval_images_per_id per
+  val and test identity (None: images_per_id), so that a fixed drawing budget can go to more training
+  identities while the gallery keeps its size. `workers` > 1 draws in that many processes (same bytes).
   """
-  _check_args(num_ids, images_per_id, image_size, workers)
+  eval_images_per_id = images_per_id if eval_images_per_id is None else eval_images_per_id
+  _check_args(num_ids, images_per_id, eval_images_per_id, image_size, workers)
   image_size = (int(image_size[0]), int(image_size[1]))
-  params = _params(num_ids, images_per_id, seed, image_size, val_ids, test_ids, hard_negative_fraction)
+  params = _params(num_ids, images_per_id, seed, image_size, val_ids, test_ids, hard_negative_fraction,
+                   eval_images_per_id)
   json_path = os.path.join(out_dir, JSON_FILE)
   if is_complete(out_dir, params):
     logging.info('SynthPEDES: %s is up to date (%s); not regenerating.', out_dir, params)
@@ -1417,18 +1444,23 @@ def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
   for split in SPLITS:
     os.makedirs(os.path.join(imgs, split), exist_ok=True)
   records, jobs = [], []
+  most_images = max(images_per_id, eval_images_per_id)
+  first_id = {}
   for a in identities:
-    for n in range(images_per_id):
-      facing = sample_view(np.random.default_rng(_image_seed(seed, a['id'], n, 1)))
-      caps = captions_for_image(a, facing, np.random.default_rng(_image_seed(seed, a['id'], n, 2)))
-      rel = _file_path(a['split'], a['id'], n, num_ids, images_per_id)
+    first_id.setdefault(a['split'], a['id'])
+    index = a['id'] - first_id[a['split']]
+    for n in range(images_per_id if a['split'] == 'train' else eval_images_per_id):
+      facing = sample_view(np.random.default_rng(_image_seed(seed, a['split'], index, n, 1)))
+      caps = captions_for_image(a, facing, np.random.default_rng(_image_seed(seed, a['split'], index, n, 2)))
+      rel = _file_path(a['split'], a['id'], n, num_ids, most_images)
       records.append({'split': a['split'], 'captions': caps, 'file_path': rel,
                       'processed_tokens': [processed_tokens(c) for c in caps], 'id': a['id']})
-      jobs.append((a, facing, image_size, _image_seed(seed, a['id'], n, 3), os.path.join(imgs, rel)))
+      jobs.append((a, facing, image_size, _image_seed(seed, a['split'], index, n, 3), os.path.join(imgs, rel)))
 
   total, t0 = len(jobs), time.time()
-  logging.info('SynthPEDES: drawing %d images (%d ids x %d, %dx%d) into %s with %d worker(s).', total,
-               num_ids, images_per_id, image_size[0], image_size[1], out_dir, workers)
+  logging.info('SynthPEDES: drawing %d images (%d ids: %d per training id, %d per val/test id; %dx%d) into '
+               '%s with %d worker(s).', total, num_ids, images_per_id, eval_images_per_id, image_size[0],
+               image_size[1], out_dir, workers)
 
   def progress(done: int) -> None:
     if done % log_every == 0 or done == total:
@@ -1483,7 +1515,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    description='Writes SynthPEDES (CUHK-PEDES layout) into --out.')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--ids', type=int, default=500, help='number of identities')
-  parser.add_argument('--images-per-id', type=int, default=4)
+  parser.add_argument('--images-per-id', type=int, default=4, help='images per training identity')
+  parser.add_argument('--eval-images-per-id', type=int, default=None,
+                      help='images per val/test identity (default: --images-per-id)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--height', type=int, default=DEFAULT_IMAGE_SIZE[0])
   parser.add_argument('--width', type=int, default=DEFAULT_IMAGE_SIZE[1])
@@ -1498,7 +1532,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = generate(args.out, args.ids, args.images_per_id, seed=args.seed,
                     image_size=(args.height, args.width),
                     val_ids=args.val_ids, test_ids=args.test_ids,
-                    hard_negative_fraction=args.hard_negative_fraction, workers=args.workers)
+                    hard_negative_fraction=args.hard_negative_fraction, workers=args.workers,
+                    eval_images_per_id=args.eval_images_per_id)
   except (ValueError, FileExistsError) as e:
     parser.error(str(e))
   print(path)

@@ -108,6 +108,50 @@ def test_skips_when_parameters_match_and_regenerates_otherwise(tmp_path):
   assert len(os.listdir(os.path.join(out, 'imgs', 'train'))) == 3  # no stale images of the old run
 
 
+def test_eval_images_per_id_sets_the_val_and_test_images(tmp_path):
+  args = {**ARGS, 'num_ids': 6, 'images_per_id': 1, 'val_ids': 1, 'test_ids': 2}
+  with open(synthetic.generate(str(tmp_path / 'e'), **args, eval_images_per_id=3)) as f:
+    recs = json.load(f)
+  per_id = {}
+  for r in recs:
+    per_id.setdefault((r['split'], r['id']), []).append(r['file_path'])
+  assert sorted(len(v) for (s, _), v in per_id.items() if s == 'train') == [1, 1, 1]
+  assert sorted(len(v) for (s, _), v in per_id.items() if s != 'train') == [3, 3, 3]
+  # The same identities and training images as without it: only val/test identities gain images.
+  with open(synthetic.generate(str(tmp_path / 'same'), **args)) as f:
+    plain = json.load(f)
+  assert [r for r in plain if r['split'] == 'train'] == [r for r in recs if r['split'] == 'train']
+  with pytest.raises(ValueError, match='eval_images_per_id'):
+    synthetic.generate(str(tmp_path / 'bad'), **args, eval_images_per_id=0)
+
+
+def test_more_training_identities_leave_val_and_test_unchanged(tmp_path):
+  small = {**ARGS, 'num_ids': 8, 'val_ids': 2, 'test_ids': 2}
+  with open(synthetic.generate(str(tmp_path / 'small'), **small)) as f:
+    a = json.load(f)
+  with open(synthetic.generate(str(tmp_path / 'large'), **{**small, 'num_ids': 11})) as f:
+    b = json.load(f)
+  def evaluation(recs, out):  # ids shift with the training split's size; everything else stays
+    first = min(r['id'] for r in recs if r['split'] != 'train')
+    rows = []
+    for r in recs:
+      if r['split'] != 'train':
+        with open(os.path.join(out, 'imgs', r['file_path']), 'rb') as f:
+          rows.append((r['split'], r['id'] - first, r['captions'], f.read()))
+    return rows
+  assert evaluation(a, tmp_path / 'small') == evaluation(b, tmp_path / 'large')
+  assert len([r for r in b if r['split'] == 'train']) > len([r for r in a if r['split'] == 'train'])
+
+
+def test_weighted_choice_draws_as_numpy_choice():
+  options, weights = list('abcdefghijkl'), [3.0, 1.0, 0.5, 2.0, 1.0, 1.0, 4.0, 0.25, 1.0, 1.0, 2.0, 1.5]
+  ours, numpys = np.random.default_rng(11), np.random.default_rng(11)
+  p = np.asarray(weights) / np.sum(weights)
+  drawn = [synthetic._choice(ours, options, weights) for _ in range(2000)]
+  assert drawn == [options[int(numpys.choice(len(options), p=p))] for _ in range(2000)]
+  assert len(set(drawn)) == len(options)
+
+
 def test_refuses_to_overwrite_other_directories(tmp_path):
   os.makedirs(tmp_path / 'imgs')
   with pytest.raises(FileExistsError, match='not a SynthPEDES directory'):
