@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.text_embed_dropout = 0.1    # BERT embedding dropout (hidden_dropout_prob) as the reference
   c.model.ln_eps = 1e-6
   c.model.init_std = 0.02              # truncated-normal std of the blocks' qkv/proj/fc1/fc2 kernels (fresh init)
+  c.model.pos_embed_init = 'trunc_normal'  # image pos_embed (fresh init): trunc_normal (std 0.02) | sincos2d
   c.model.text_ln_eps = 1e-12
   c.model.dtype = 'float32'           # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)

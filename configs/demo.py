@@ -37,6 +37,7 @@ def get_config():
   c.model.stride = 8
   c.model.drop_path = 0.0
   c.model.init_std = 0.08             # ~1/sqrt(width): see ivt_jax/model.py (0.02 stalls a narrow model)
+  c.model.pos_embed_init = 'sincos2d'  # image positions start as 2-D sine-cosine codes (README: +5 R@1)
   c.model.text_embed_dropout = 0.0
   c.model.max_text_positions = 64
   c.optim.name = 'adamw'

@@ -242,13 +242,20 @@ def pos_tag_caption(caption: str) -> list[list[tuple[str, str]]]:
     One list of (token, Penn Treebank tag) per non-empty sentence.
   """
   _check_caption(caption)
-  tagger = load_tagger()
   tagged = []
   for sentence in _SENTENCE_END.split(caption.lower()):
-    tokens = _WORD_TOKENIZER.tokenize(sentence)
-    if tokens:
-      tagged.append(tagger.tag(tokens))
+    tags = _tag_sentence(sentence)
+    if tags:
+      tagged.append(list(tags))
   return tagged
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tag_sentence(sentence: str) -> tuple[tuple[str, str], ...]:
+  """Tokens and tags of one lower-cased sentence (the tagger sees one sentence at a time, so a sentence
+  repeated across captions is tagged once)."""
+  tokens = _WORD_TOKENIZER.tokenize(sentence)
+  return tuple(load_tagger().tag(tokens)) if tokens else ()
 
 
 def attribute_phrases(caption: str) -> list[str]:

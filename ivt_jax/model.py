@@ -38,6 +38,25 @@ from ivt_jax import shapes
 
 MASK_VALUE = -10000.0  # the reference's additive mask, not -inf.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+POS_EMBED_INITS = ('trunc_normal', 'sincos2d')
+
+
+def sincos2d_pos_embed(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """(1, 1 + rows * cols, width) fixed 2-D sine-cosine position codes; row 0 (the CLS token) is zero.
+
+  Per patch at (row r, col c), width / 4 frequencies w_k = temperature^(-k / (width / 4 - 1)):
+  [sin(c w), cos(c w), sin(r w), cos(r w)], patches row-major as the patch convolution flattens them.
+  """
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need model.width divisible by 4, got {width}')
+  rows, cols = grid
+  quarter = width // 4
+  omega = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+  r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing='ij')
+  r = r.reshape(-1, 1) * omega[None]
+  c = c.reshape(-1, 1) * omega[None]
+  codes = np.concatenate([np.sin(c), np.cos(c), np.sin(r), np.cos(r)], axis=1)
+  return np.concatenate([np.zeros((1, width)), codes], axis=0)[None].astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +81,7 @@ class EncoderConfig:
   attention: str = 'xla'
   remat: bool = False
   init_std: float = 0.02
+  pos_embed_init: str = 'trunc_normal'
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -81,6 +101,8 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
   if not m.init_std > 0:
     raise ValueError(f'model.init_std must be positive, got {m.init_std}')
+  if m.pos_embed_init not in POS_EMBED_INITS:
+    raise ValueError(f'model.pos_embed_init must be one of {POS_EMBED_INITS}, got {m.pos_embed_init!r}')
   if m.attention not in ('xla', 'cudnn', 'auto'):
     raise ValueError(f"model.attention must be 'xla', 'cudnn' or 'auto', got {m.attention!r}")
   if config.data.text_length > m.max_text_positions:
@@ -93,7 +115,8 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
       depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
       max_text_positions=m.max_text_positions, type_vocab_size=m.type_vocab_size, drop_path=m.drop_path,
       text_embed_dropout=m.text_embed_dropout, bmm_ratio=config.data.bmm_ratio, ln_eps=m.ln_eps,
-      text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat, init_std=m.init_std)
+      text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat, init_std=m.init_std,
+      pos_embed_init=m.pos_embed_init)
 
 
 def normalize_images(images_uint8: jax.Array) -> jax.Array:
@@ -233,7 +256,11 @@ class Encoder(nn.Module):
                                padding='VALID', dtype=dtype,
                                kernel_init=nn.initializers.normal(np.sqrt(2.0 / fan_out)), name='patch_embed')
     self.cls_token = self.param('cls_token', _trunc_normal, (1, 1, c.width))
-    self.pos_embed = self.param('pos_embed', _trunc_normal, (1, n_img, c.width))
+    if c.pos_embed_init == 'sincos2d':  # learned, starting from the fixed 2-D codes
+      pos_init = lambda rng, shape: jnp.asarray(sincos2d_pos_embed(c.grid, c.width).reshape(shape))
+    else:
+      pos_init = _trunc_normal
+    self.pos_embed = self.param('pos_embed', pos_init, (1, n_img, c.width))
     self.type_embed = self.param('type_embed', _trunc_normal, (1, n_img, c.width))
     self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_positions, c.type_vocab_size, c.width,
                                      c.text_ln_eps, c.text_embed_dropout, dtype)

@@ -245,3 +245,30 @@ def test_init_std_sets_the_block_kernels_only():
     np.testing.assert_array_equal(p02[name], p08[name])
   np.testing.assert_array_equal(p02['embeddings']['word_embeddings']['embedding'],
                                 p08['embeddings']['word_embeddings']['embedding'])
+
+
+def test_sincos2d_pos_embed_init():
+  """model.pos_embed_init='sincos2d': the image pos_embed starts as the 2-D sine-cosine codes of the patch grid
+  (CLS row zero) and stays a learned parameter; everything else is initialized as before."""
+  _, cfg, enc, p = _setup(pos_embed_init='sincos2d')
+  *_, ref = _setup()
+  rows, cols = cfg.grid  # 64x32 input, 16x16 patches, stride 12: 5 x 2
+  pe = np.asarray(p['pos_embed'])[0]
+  assert pe.shape == (1 + rows * cols, cfg.width)
+  np.testing.assert_array_equal(pe[0], 0.0)
+  q = cfg.width // 4
+  omega = 10_000.0 ** -(np.arange(q) / (q - 1))
+  for index in range(rows * cols):
+    r, c = divmod(index, cols)  # row-major, as the patch convolution flattens
+    np.testing.assert_allclose(pe[1 + index], np.concatenate([np.sin(c * omega), np.cos(c * omega),
+                                                              np.sin(r * omega), np.cos(r * omega)]), atol=1e-6)
+  for name in ('cls_token', 'type_embed'):
+    np.testing.assert_array_equal(p[name], ref[name])
+  # It is trained: the loss has a gradient for it.
+  images, ids, mask = _inputs(cfg)
+  grad = jax.grad(lambda q_: jnp.sum(enc.apply({'params': q_}, images, method=enc.embed_images) ** 2))(p)
+  assert float(jnp.abs(grad['pos_embed']).max()) > 0
+  with pytest.raises(ValueError, match='model.pos_embed_init'):
+    model.encoder_config(tiny_config(pos_embed_init='learned'))
+  with pytest.raises(ValueError, match='divisible by 4'):
+    model.sincos2d_pos_embed((2, 2), 30)
