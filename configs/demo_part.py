@@ -32,6 +32,7 @@ def get_config():
   c.data.phrase_text_length = 0       # every level at data.text_length, as when the ablation was measured
   c.data.word_text_length = 0
   c.model.init_std = 0.02             # the reference's init, as when the ablation was measured
+  c.model.pos_embed_init = 'trunc_normal'  # likewise
   c.eval_every_epochs = 1000          # val once at the end, then test
   c.log_every_steps = 25
   c.checkpoint_every_steps = 10000
