@@ -16,7 +16,8 @@ lighting, sometimes blurred or partly occluded; its two captions are sampled ind
 of CUHK-PEDES and name only drawn attributes, with colour names from a palette of 12 well separated colours.
 
 Everything is deterministic given the arguments: identities from `seed`, each image from its own seed
-(seed, id, image index), so `workers` changes the speed and never the bytes.
+(seed, split, the identity's position within its split, image index), so `workers` changes the speed and never
+the bytes, and the val and test splits stay the same when the number of training identities changes.
 
 CLI: python -m input_pipeline.synthetic --out DIR [--ids 500 --images-per-id 4 --eval-images-per-id 4 --seed 0
      --height 192 --width 64 --val-ids V --test-ids T --hard-negative-fraction 0.25 --workers 2]
