@@ -5,7 +5,7 @@
       [--num_ids 64 --images_per_id 4 --image_hw 384,128 --format png]  # in-memory SynthPEDES
       [--profile]                # per-sample cost of each stage, in this process
 
-Without --workdir the source is in memory: SynthPEDES identities drawn by input_pipeline.synthetic
+Without --workdir the source is in memory (input_pipeline.memory_source): SynthPEDES identities drawn
 at --image_hw (default: the configured data.image_size) and stored as PNG (like the generator) or
 JPEG, with
 captions, phrases and attributes from input_pipeline.text, and a SentencePiece tokenizer trained on
@@ -14,8 +14,6 @@ and the file exists). Nothing is downloaded.
 """
 from __future__ import annotations
 
-import io
-import json
 from multiprocessing import shared_memory
 import os
 import tempfile
@@ -28,61 +26,25 @@ import numpy as np
 from ml_collections import config_flags
 
 from input_pipeline import augment
+from input_pipeline import memory_source
 from input_pipeline import pipeline
-from input_pipeline import synthetic
-from input_pipeline import text
 from input_pipeline import tokenizers
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=False)
-_WORKERS = flags.DEFINE_string('workers', '0,1,2', 'Comma-separated worker counts to measure.')
-_BATCHES = flags.DEFINE_integer('batches', 20, 'Timed batches per worker count.')
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed batches first (worker start-up).')
-_WORKDIR = flags.DEFINE_string('workdir', '', 'Use the prepared dataset of this workdir.')
-_NUM_IDS = flags.DEFINE_integer('num_ids', 64, 'In-memory source: identities.')
-_IMAGES_PER_ID = flags.DEFINE_integer('images_per_id', 4, 'In-memory source: images per identity.')
-_IMAGE_HW = flags.DEFINE_string('image_hw', '', 'In-memory source: stored image size H,W '
-                                '(default data.image_size).')
-_FORMAT = flags.DEFINE_enum('format', 'png', ['png', 'jpeg'], 'In-memory source: image encoding.')
-_PROFILE = flags.DEFINE_bool('profile', False, 'Also time each per-sample stage in this process '
-                             'and estimate the rate of a --cores machine.')
-_CORES = flags.DEFINE_integer('cores', 16, 'With --profile: host cores for the estimate.')
 
-
-def synthetic_source(num_ids: int, images_per_id: int, image_hw, seed: int = 0,
-                     image_format: str = 'png') -> list[dict]:
-  """In-memory training records of SynthPEDES identities (PNG/JPEG bytes, texts as stored)."""
-  identities = synthetic.make_identities(num_ids, seed=seed, val_ids=0, test_ids=0)
-  records = []
-  for a in identities:
-    for n in range(images_per_id):
-      rng = np.random.default_rng([seed, a['id'], n, 1])
-      facing = synthetic.sample_view(rng)
-      image = synthetic.render(a, facing, tuple(image_hw), [seed, a['id'], n, 0])
-      buf = io.BytesIO()
-      if image_format == 'png':
-        image.save(buf, format='PNG', compress_level=6)
-      else:
-        image.save(buf, format='JPEG', quality=90)
-      captions = synthetic.captions_for_image(a, facing, rng)
-      levels = text.mla_texts_batch(captions)
-      records.append(dict(
-          image=buf.getvalue(), image_path=f'train/{a["id"]:04d}_{n:02d}.{image_format}',
-          person_id=a['id'],
-          captions=[c.encode() for c in captions],
-          phrases=[json.dumps(m['phrases']).encode() for m in levels],
-          attributes=[json.dumps(m['attributes']).encode() for m in levels]))
-  return records
-
-
-def _tokenizer_for(config, records, tmpdir: str):
-  vocab = os.path.expanduser(config.data.vocab_file)
-  if config.data.tokenizer == 'wordpiece' and os.path.isfile(vocab):
-    return tokenizers.load_tokenizer('wordpiece', vocab)
-  caps = [c.decode() for r in records for c in r['captions']]
-  path = tokenizers.train_sentencepiece(caps, os.path.join(tmpdir, 'sp'),
-                                        int(config.data.sentencepiece_vocab_size),
-                                        config.data.sentencepiece_model_type)
-  return tokenizers.load_tokenizer('sentencepiece', path)
+def _define_flags():
+  """The CLI's flags (defined only when run as a program, so that importing `measure` clashes with no CLI)."""
+  config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=False)
+  flags.DEFINE_string('workers', '0,1,2', 'Comma-separated worker counts to measure.')
+  flags.DEFINE_integer('batches', 20, 'Timed batches per worker count.')
+  flags.DEFINE_integer('warmup', 3, 'Untimed batches first (worker start-up).')
+  flags.DEFINE_string('workdir', '', 'Use the prepared dataset of this workdir.')
+  flags.DEFINE_integer('num_ids', 64, 'In-memory source: identities.')
+  flags.DEFINE_integer('images_per_id', 4, 'In-memory source: images per identity.')
+  flags.DEFINE_string('image_hw', '', 'In-memory source: stored image size H,W (default data.image_size).')
+  flags.DEFINE_enum('format', 'png', ['png', 'jpeg'], 'In-memory source: image encoding.')
+  flags.DEFINE_bool('profile', False, 'Also time each per-sample stage in this process and estimate the rate '
+                    'of a --cores machine.')
+  flags.DEFINE_integer('cores', 16, 'With --profile: host cores for the estimate.')
 
 
 def measure(config, source, tokenizer, workers: int, batches: int, warmup: int, index
@@ -160,27 +122,28 @@ def profile(config, source, tokenizer, samples: int = 200) -> dict[str, float]:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  FLAGS = flags.FLAGS
+  config = FLAGS.config
   if config is None:
     raise app.UsageError('--config is required (e.g. --config=configs/cuhk.py)')
-  workers = [int(w) for w in _WORKERS.value.split(',') if w.strip()]
+  workers = [int(w) for w in FLAGS.workers.split(',') if w.strip()]
   with tempfile.TemporaryDirectory() as tmpdir:
-    if _WORKDIR.value:
+    if FLAGS.workdir:
       from input_pipeline import prepare  # pylint: disable=g-import-not-at-top (tfds: slow import)
-      prepared = prepare.prepare(config, _WORKDIR.value)
+      prepared = prepare.prepare(config, FLAGS.workdir)
       source = prepare.open_split(prepared, 'train')
       tokenizer = tokenizers.load_tokenizer(prepared.tokenizer, prepared.tokenizer_path)
       what = f'{prepared.name} train ({len(source)} images) from {prepared.dataset_dir}'
     else:
-      hw = ([int(x) for x in _IMAGE_HW.value.split(',')] if _IMAGE_HW.value
+      hw = ([int(x) for x in FLAGS.image_hw.split(',')] if FLAGS.image_hw
             else list(config.data.image_size))
       start = time.perf_counter()
-      source = synthetic_source(_NUM_IDS.value, _IMAGES_PER_ID.value, hw, seed=config.seed,
-                                image_format=_FORMAT.value)
-      tokenizer = _tokenizer_for(config, source, tmpdir)
+      source = memory_source.synthetic_source(FLAGS.num_ids, FLAGS.images_per_id, hw, seed=config.seed,
+                                              image_format=FLAGS.format)
+      tokenizer = memory_source.tokenizer_for(config, source, tmpdir)
       size = np.mean([len(r['image']) for r in source]) / 1024
       seconds = time.perf_counter() - start
-      what = (f'in-memory SynthPEDES: {len(source)} {_FORMAT.value.upper()} images '
+      what = (f'in-memory SynthPEDES: {len(source)} {FLAGS.format.upper()} images '
               f'{hw[0]}x{hw[1]} ({size:.0f} KiB each), built in {seconds:.0f} s')
     index = pipeline.TrainIndex.from_source(source, config.data.get('sample_unit', 'caption'))
     d = config.data
@@ -190,11 +153,11 @@ def main(argv):
           f'batch={d.ids_per_batch}x{d.images_per_id} cpus={os.cpu_count()}')
     main_ms = {}
     for w in workers:
-      rate, main_ms[w] = measure(config, source, tokenizer, w, _BATCHES.value, _WARMUP.value, index)
+      rate, main_ms[w] = measure(config, source, tokenizer, w, FLAGS.batches, FLAGS.warmup, index)
       print(f'workers={w}: {rate:.1f} samples/s (main process CPU {main_ms[w]:.1f} ms/batch)',
             flush=True)
       logging.info('workers=%d: %.1f samples/s', w, rate)
-    if _PROFILE.value:
+    if FLAGS.profile:
       costs = profile(config, source, tokenizer)
       total = sum(costs.values())
       print('per-sample CPU ms: ' + ', '.join(f'{k} {v:.2f}' for k, v in costs.items())
@@ -205,7 +168,7 @@ def main(argv):
       batch = next(pipeline.train_iterator(config1, source, tokenizer, seed=0, shard_index=0,
                                            shard_count=1, index=index))
       handover = min(_handover_ms(batch) for _ in range(5)) / b
-      cores = _CORES.value
+      cores = FLAGS.cores
       from_workers = (cores - 2) * 1e3 / (total + handover)
       line = (f'handover through shared memory {handover:.2f} ms/sample (worker side). Estimate '
               f'for {cores} cores ({cores - 2} workers, 2 cores left to the training loop): '
@@ -219,4 +182,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -2,6 +2,7 @@
 
   python -m ivt_jax.benchmark --config=configs/cuhk.py [--batch N] [--steps N] [--config.key=value ...]
   python -m ivt_jax.benchmark --config=configs/cuhk.py --batch 8 --fsdp_memory=1,2,4,8 --notrain --noretrieval
+  python -m ivt_jax.benchmark --config=configs/demo.py --loop --notrain --noretrieval   # step, pipeline, loop
 
 Training step: the real `step.train_step` with `optim.make_optimizer`, jitted with the shardings of training
 (mesh data x fsdp from config.mesh, parameters by sharding.param_shardings, optimizer state as its parameters,
@@ -18,6 +19,9 @@ MLA levels). Printed:
   (`device.memory_stats()` where the backend has it).
 --fsdp_memory=1,2,4,8: for each fsdp size, the compiled memory per device of the step on all devices as a
   (devices / fsdp) x fsdp mesh, compiled only (nothing runs, no parameters are allocated).
+--loop: the training loop's three speeds in steps/s (ivt_jax.loop_benchmark): the step alone, the input pipeline
+  alone (in-memory SynthPEDES, --loop_ids x --loop_images_per_id images), the loop with batches placed ahead
+  (data.prefetch) and the loop with the pipeline in series; the vocabulary is the tokenizer's.
 Retrieval: the time of `retrieval.topk` (top-k of Q text queries over a G-image gallery of random unit
   embeddings, sharded over the devices), best of --retrieval_repeats after a compiling call; on CPU at a
   reduced size by default, with the time scaled linearly to the 10,000 x 1,000,000 target.
@@ -36,11 +40,11 @@ import ml_collections
 import numpy as np
 
 from ivt_jax import model as model_lib
-from ivt_jax import optim
 from ivt_jax import retrieval
 from ivt_jax import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
+from ivt_jax import step_setup
 
 LEVELS = step_lib.LEVELS
 TARGET_QUERIES, TARGET_GALLERY = 10_000, 1_000_000
@@ -113,91 +117,6 @@ def analytic_train_flops(config: ml_collections.ConfigDict, batch: int) -> float
   return float(3 * (forward + cmpm) + 2 * pairs * patch_fwd)
 
 
-def batch_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """{name: (shape, dtype)} of a global training batch of `batch` samples, as the input pipeline gives it."""
-  enc = model_lib.encoder_config(config)
-  h, w = enc.image_size
-  length = config.data.text_length
-  n_img = enc.num_image_tokens
-  return {'images': ((batch, LEVELS, h, w, 3), np.uint8), 'text_ids': ((batch, LEVELS, length), np.int32),
-          'text_mask': ((batch, LEVELS, length), np.int32), 'image_keep': ((batch, LEVELS, n_img), np.bool_),
-          'text_keep': ((batch, LEVELS, length), np.bool_), 'person_id': ((batch,), np.int32)}
-
-
-def random_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global training batch of `batch` samples with the pipeline's shapes and dtypes (`batch_shapes`)."""
-  enc = model_lib.encoder_config(config)
-  h, w = enc.image_size
-  length = config.data.text_length
-  n_img = enc.num_image_tokens
-  rng = np.random.default_rng(seed)
-  level_max = np.asarray(shapes.level_text_lengths(config))
-  lengths = rng.integers(np.maximum(2, level_max // 4), level_max + 1, size=(batch, LEVELS))
-  mask = (np.arange(length)[None, None, :] < lengths[..., None]).astype(np.int32)
-  ids = rng.integers(1, config.model.vocab_size, size=(batch, LEVELS, length)).astype(np.int32) * mask
-  key_img, key_txt = jax.random.split(jax.random.PRNGKey(seed))
-  ratio = float(config.data.bmm_ratio)
-  image_keep = np.asarray(model_lib.draw_keep_mask(key_img, batch * LEVELS, n_img, ratio))
-  text_keep = np.asarray(model_lib.draw_keep_mask(key_txt, batch * LEVELS, length, ratio))
-  text_keep = text_keep | (np.arange(length) >= np.tile(level_max, batch)[:, None])  # past each level's length
-  k = max(1, int(config.data.images_per_id))
-  return {
-      'images': rng.integers(0, 256, size=(batch, LEVELS, h, w, 3), dtype=np.uint8),
-      'text_ids': ids,
-      'text_mask': mask,
-      'image_keep': image_keep.reshape(batch, LEVELS, n_img),
-      'text_keep': text_keep.reshape(batch, LEVELS, length),
-      'person_id': (np.arange(batch) // k).astype(np.int32),
-  }
-
-
-def _local_rows(batch: dict) -> dict:
-  """This process's rows of a global batch (processes hold contiguous equal blocks)."""
-  n = len(batch['person_id'])
-  per = n // jax.process_count()
-  start = jax.process_index() * per
-  return {k: v[start:start + per] for k, v in batch.items()}
-
-
-class TrainSetup:
-  """The jitted training step, its shardings and abstract inputs for a config and mesh (nothing allocated)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch: int,
-               steps_per_epoch: int = 1000):
-    if batch % mesh.size or batch % jax.process_count():
-      raise ValueError(f'--batch {batch} must be a multiple of the {mesh.size} devices of the mesh '
-                       f'{dict(mesh.shape)} and of the {jax.process_count()} processes')
-    self.config, self.mesh, self.batch = config, mesh, batch
-    self.encoder = model_lib.build(config)
-    self.tx, schedule = optim.make_optimizer(config, steps_per_epoch)
-    self.rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(lambda: model_lib.init_module_params(self.encoder, jax.random.key(0)))
-    self.param_shardings = sharding_lib.param_shardings(abstract, mesh)
-    abstract_state = jax.eval_shape(lambda p: step_lib.create_state(p, self.tx, self.rng), abstract)
-    self.state_shardings = sharding_lib.state_shardings(abstract_state, self.tx, self.param_shardings, mesh)
-    self.abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_shardings)
-    self.num_params = model_lib.count_params(abstract)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    self.abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                           for k, (shape, dtype) in batch_shapes(config, batch).items()}
-    # As train.py: the state is donated, metrics come back replicated.
-    self.step = jax.jit(
-        functools.partial(step_lib.train_step, encoder=self.encoder, tx=self.tx, schedule=schedule,
-                          steps_per_epoch=steps_per_epoch, text_lengths=shapes.level_text_lengths(config)),
-        in_shardings=(self.state_shardings, batch_sharding),
-        out_shardings=(self.state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
-
-  def compile(self):
-    return self.step.lower(self.abstract_state, self.abstract_batch).compile()
-
-  def init_state(self):
-    params = jax.jit(functools.partial(model_lib.init_module_params, self.encoder),
-                     out_shardings=self.param_shardings)(self.rng)
-    return jax.jit(lambda p: step_lib.create_state(p, self.tx, self.rng),
-                   out_shardings=self.state_shardings)(params)
-
-
 def compiled_flops(compiled) -> Optional[float]:
   """XLA's FLOP count of a compiled computation (one device's program), None if the backend has none."""
   try:
@@ -249,7 +168,7 @@ def _peak(platform: str, device_kind: str, dtype: str, cpu_peak: Optional[float]
 def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, warmup: int,
                     cpu_peak: Optional[float] = None, log=print) -> dict[str, Any]:
   """Compiles, runs and times the training step; -> the figures (see the module docstring)."""
-  setup, compiled, compile_s = compile_train_step(config, batch)
+  setup, compiled, compile_s = step_setup.compile_train_step(config, batch)
   mesh = setup.mesh
   dev = jax.devices()[0]
   log(f'training step: {batch} samples x {LEVELS} levels = {LEVELS * batch} pairs per step, '
@@ -259,7 +178,8 @@ def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, w
   flops_device = compiled_flops(compiled)
   memory = compiled_memory(compiled)
   state = setup.init_state()
-  data = sharding_lib.global_batch(_local_rows(random_batch(config, batch, seed=config.seed)), mesh)
+  data = sharding_lib.global_batch(
+      step_setup.local_rows(step_setup.random_batch(config, batch, seed=config.seed)), mesh)
   times, cpu_times = [], []
   for i in range(warmup + steps):
     t, c = time.perf_counter(), time.process_time()
@@ -294,23 +214,6 @@ def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, w
   return out
 
 
-_COMPILED = {}
-
-
-def compile_train_step(config: ml_collections.ConfigDict, batch: int):
-  """-> (TrainSetup, compiled step, compile seconds) for a config and batch; compiled once per process."""
-  mesh = sharding_lib.make_mesh(config)
-  resolved = ml_collections.ConfigDict(config.to_dict())
-  resolved.mesh.data, resolved.mesh.fsdp = mesh.shape['data'], mesh.shape['fsdp']
-  key = (resolved.to_json(), batch)
-  if key not in _COMPILED:
-    setup = TrainSetup(config, mesh, batch)
-    t0 = time.perf_counter()
-    compiled = setup.compile()
-    _COMPILED[key] = (setup, compiled, time.perf_counter() - t0)
-  return _COMPILED[key]
-
-
 def fsdp_memory(config: ml_collections.ConfigDict, batch: int, sizes, log=print) -> dict[str, Any]:
   """Compiled per-device memory of the step for each fsdp size over all devices (compiled only)."""
   out = {}
@@ -320,7 +223,7 @@ def fsdp_memory(config: ml_collections.ConfigDict, batch: int, sizes, log=print)
       raise ValueError(f'--fsdp_memory size {f} does not divide the {n} devices')
     c = ml_collections.ConfigDict(config.to_dict())
     c.mesh.data, c.mesh.fsdp = n // f, f
-    setup, compiled, seconds = compile_train_step(c, batch)
+    setup, compiled, seconds = step_setup.compile_train_step(c, batch)
     memory = compiled_memory(compiled)
     params = sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
                  for s in jax.tree_util.tree_leaves(setup.abstract_state.params))
@@ -405,6 +308,12 @@ def main(argv):
   if FLAGS.train:
     figures.update(benchmark_train(config, batch, FLAGS.steps, FLAGS.warmup, cpu_peak, log=log))
     _print_new(figures, 'train/')
+  if FLAGS.loop:
+    from ivt_jax import loop_benchmark  # pylint: disable=g-import-not-at-top  (draws a source: only when asked)
+    figures.update(loop_benchmark.benchmark_loop(config, FLAGS.steps, FLAGS.warmup, num_ids=FLAGS.loop_ids,
+                                                 images_per_id=FLAGS.loop_images_per_id,
+                                                 image_format=FLAGS.loop_format, log=log))
+    _print_new(figures, 'loop/')
   if FLAGS.retrieval:
     accel = platform != 'cpu'
     q = FLAGS.retrieval_queries or (TARGET_QUERIES if accel else TARGET_QUERIES // 10)
@@ -435,6 +344,11 @@ def _define_flags():
   flags.DEFINE_bool('train', True, 'Run and time the training step.')
   flags.DEFINE_string('fsdp_memory', '', 'Comma-separated fsdp sizes: compiled memory per device for each.')
   flags.DEFINE_bool('cpu_peak', False, 'Measure the CPU matmul rate even without --train.')
+  flags.DEFINE_bool('loop', False, 'Also the loop: the step alone, the input pipeline alone and the two together '
+                    '(ivt_jax.loop_benchmark), in steps/s, on an in-memory SynthPEDES source.')
+  flags.DEFINE_integer('loop_ids', 64, '--loop: identities in the in-memory source.')
+  flags.DEFINE_integer('loop_images_per_id', 4, '--loop: images per identity.')
+  flags.DEFINE_enum('loop_format', 'png', ['png', 'jpeg'], '--loop: image encoding of the source.')
   flags.DEFINE_bool('retrieval', True, 'Time top-k retrieval over a random gallery.')
   flags.DEFINE_integer('retrieval_queries', 0, 'Queries (0 = 10,000 on accelerators, 1,000 on CPU).')
   flags.DEFINE_integer('retrieval_gallery', 0, 'Gallery images (0 = 1,000,000 on accelerators, 100,000 on CPU).')

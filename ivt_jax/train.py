@@ -24,6 +24,7 @@ from ivt_jax import checkpoints
 from ivt_jax import evaluate as evaluate_lib
 from ivt_jax import model as model_lib
 from ivt_jax import optim
+from ivt_jax import prefetch
 from ivt_jax import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
@@ -108,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_shardings = sharding_lib.state_shardings(abstract_state, tx, shardings, mesh)
   data_iter = pipeline_lib.train_iterator(config, train_source, tokenizer, seed=config.seed,
                                           shard_index=jax.process_index(), shard_count=jax.process_count())
+  data_iter = prefetch.training_feed(config, data_iter, mesh)
   manager = checkpoints.training_manager(workdir, save_every=config.checkpoint_every_steps,
                                          max_to_keep=config.max_checkpoints)
   best_manager = checkpoints.params_manager(os.path.join(workdir, 'best'))
@@ -155,8 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   try:
     while step < total_steps:
-      batch = sharding_lib.global_batch(next(data_iter), mesh)
-      state, m = train_step(state, batch)
+      state, m = train_step(state, next(data_iter))
       step += 1
       if pending is not None:
         last = check(pending)
@@ -193,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.wait_until_finished()
   finally:
     preemption.restore()
+    data_iter.close()
 
   # Final: the best-by-validation parameters (or the last ones without a val split) on test.
   params = state.params

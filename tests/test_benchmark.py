@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ivt_jax import benchmark
+from ivt_jax import step_setup
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +29,8 @@ def test_peak_flops_table():
 
 def test_random_batch_has_the_pipeline_shapes():
   c = tiny_config()
-  batch = benchmark.random_batch(c, 4, seed=1)
-  shapes = benchmark.batch_shapes(c, 4)
+  batch = step_setup.random_batch(c, 4, seed=1)
+  shapes = step_setup.batch_shapes(c, 4)
   assert set(batch) == set(shapes)
   for k, (shape, dtype) in shapes.items():
     assert batch[k].shape == shape and batch[k].dtype == dtype, k
