@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
                                       # image: over images, one random caption each
   c.data.worker_count = 4             # Grain worker processes (0 = in-process)
   c.data.worker_buffer_size = 2
-  c.data.prefetch = 2                 # batches read and placed on the devices ahead of the step (0 = in series)
+  c.data.prefetch = 2                 # batches read and placed on the devices ahead of the step (0 = in series:
+                                      # each batch made when the step asks for it)
   c.data.val_fraction_ids = 0.0       # carve val identities from train when the dataset has no val
   # augmentation (train only), the reference's
   c.data.augment = ml_collections.ConfigDict()

@@ -472,10 +472,13 @@ def _shards(shard_index, shard_count) -> tuple[int, int]:
   return int(shard_index), int(shard_count)
 
 
-def _read_options(worker_count: int, worker_buffer_size: int) -> grain.ReadOptions:
+def _read_options(worker_count: int, worker_buffer_size: int, read_ahead: bool = True) -> grain.ReadOptions:
   """Elements are whole batches. In-process, two threads overlap batches with the consumer (PIL
   decode/resize and numpy copies release the GIL); in a worker, one thread computes the next batch
-  while the process hands the last one over. The buffer bounds memory to a few batches."""
+  while the process hands the last one over. The buffer bounds memory to a few batches.
+  read_ahead=False (data.prefetch = 0, in-process): each batch is made when asked for, in the caller's thread."""
+  if not read_ahead and worker_count == 0:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return grain.ReadOptions(num_threads=2 if worker_count == 0 else 1,
                            prefetch_buffer_size=max(2, worker_buffer_size))
 
@@ -523,19 +526,21 @@ class TrainIterator(grain.DatasetIterator):
   """
 
   def __init__(self, batches: grain.MapDataset, *, worker_count: int, worker_buffer_size: int,
-               check: dict[str, int]):
+               check: dict[str, int], read_ahead: bool = True):
     super().__init__()
     if worker_count < 0:
       raise ValueError(f'data.worker_count must be >= 0, got {worker_count}')
     self._batches, self._check = batches, dict(check)
     self._workers, self._buffer = int(worker_count), int(worker_buffer_size)
+    self._read_ahead = bool(read_ahead)
     self._next = 0
     self._it = None
 
   def _inner(self) -> grain.DatasetIterator:
     self._assert_not_closed()
     if self._it is None:
-      ds = self._batches[self._next:].to_iter_dataset(_read_options(self._workers, self._buffer))
+      ds = self._batches[self._next:].to_iter_dataset(
+          _read_options(self._workers, self._buffer, self._read_ahead))
       if self._workers > 0:
         if not flags.FLAGS.is_parsed():
           # Grain reads its absl flags when it starts worker processes; outside absl.app.run (a
@@ -601,7 +606,8 @@ def train_iterator(config, source, tokenizer, *, seed: int, shard_index: int | N
   check = dict(seed=int(seed), global_batch_size=p * k,
                steps_per_epoch=steps_per_epoch(config, units))
   return TrainIterator(batches, worker_count=int(config.data.worker_count),
-                       worker_buffer_size=int(config.data.worker_buffer_size), check=check)
+                       worker_buffer_size=int(config.data.worker_buffer_size), check=check,
+                       read_ahead=int(config.data.get('prefetch', 2)) > 0)
 
 
 class EvalData(NamedTuple):

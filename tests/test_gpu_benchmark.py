@@ -100,6 +100,7 @@ def test_the_script_runs_every_section_at_a_tiny_size(tmp_path):
       assert 'cuDNN' in f[f'train/s{stride}/{dtype}/cudnn/error']  # no cuDNN on a CPU: named, not a crash
   assert 0 < f['mfu/xla/utilization_analytic'] < 1.5
   assert f['retrieval/s'] > 0 and f['pipeline/samples_per_s'] > 0
+  assert f['loop/step_alone_steps_per_s'] > 0 and f['loop/loop_steps_per_s'] > 0
   assert f['reference/skipped']
   table = open(out / 'gpu_benchmark.md').read()
   assert table in proc.stdout

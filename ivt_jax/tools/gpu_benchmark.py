@@ -13,7 +13,9 @@ are kept as they come), in this order:
              out-of-memory), stride 16;
   retrieval  top-10 of 10,000 text queries over 1,000,000 images (random unit embeddings, 768-d, bfloat16);
   pipeline   the Grain input pipeline at CUHK-PEDES's shapes (384x128 output, text 64, stride 12) on JPEG images
-             (in-memory SynthPEDES drawn at --pipeline_image_hw) with --pipeline_workers workers: samples/s.
+             (in-memory SynthPEDES drawn at --pipeline_image_hw) with --pipeline_workers workers: samples/s;
+  loop       the training loop of configs/cuhk.py in bfloat16 (ivt_jax.loop_benchmark): the step alone, that
+             pipeline alone and the two together as ivt_jax.train runs them, in steps/s.
 Writes <out>/gpu_benchmark.json (every figure) and <out>/gpu_benchmark.md (the tables), and prints the tables.
 --size=tiny runs the same program on a tiny model and small sizes (the CPU check in CI).
 Packages: jax, flax, optax, numpy, pillow, sentencepiece and tokenizers are on the GPU machines; grain,
@@ -33,9 +35,9 @@ import tempfile
 import time
 from typing import Any, Callable
 
-SECTIONS = ('train', 'reference', 'mfu', 'retrieval', 'pipeline')
-# Section time limits (seconds) at --size=full, scaled by --budget_s / 480 so that the whole run fits its budget.
-LIMITS = {'train': 210, 'reference': 75, 'mfu': 80, 'retrieval': 40, 'pipeline': 60}
+SECTIONS = ('train', 'reference', 'mfu', 'retrieval', 'pipeline', 'loop')
+# Section time limits (seconds), scaled by --budget_s / 480 so that the whole run fits its budget.
+LIMITS = {'train': 200, 'reference': 70, 'mfu': 70, 'retrieval': 35, 'pipeline': 45, 'loop': 60}
 REQUIRED = {'jax': 'jax', 'flax': 'flax', 'optax': 'optax', 'numpy': 'numpy', 'PIL': 'pillow',
             'ml_collections': 'ml-collections', 'grain': 'grain', 'array_record': 'array-record',
             'nltk': 'nltk', 'sentencepiece': 'sentencepiece', 'tokenizers': 'tokenizers',
@@ -206,7 +208,27 @@ def section_pipeline(size: str, emit, args) -> None:
   print(f'pipeline: {workers} workers, {rate:.1f} samples/s', flush=True)
 
 
-SECTION_FNS = {'train': section_train, 'reference': section_reference, 'mfu': section_mfu,
+def section_loop(size: str, emit, args) -> None:
+  from ivt_jax import loop_benchmark  # pylint: disable=g-import-not-at-top
+  s = _sizes(size)
+  c = model_config(size, 12, 'bfloat16', 'xla')
+  c.data.worker_count = (args.pipeline_workers if args.pipeline_workers >= 0 else min(16, os.cpu_count() or 1)
+                         ) if size == 'full' else 0
+  if size == 'full':
+    c.data.synthetic.image_size = tuple(int(x) for x in args.pipeline_image_hw.split(','))
+  else:
+    c.data.synthetic.image_size = (48, 24)
+  f = loop_benchmark.benchmark_loop(c, s['steps'], s['warmup'], num_ids=s['pipeline_ids'],
+                                    images_per_id=s['pipeline_images_per_id'], image_format='jpeg',
+                                    log=lambda *a: None)
+  emit('loop/workers', int(c.data.worker_count))
+  for k, v in f.items():
+    emit(k, v)
+  print(f'loop: step alone {f["loop/step_alone_steps_per_s"]:.2f}, pipeline alone '
+        f'{f["loop/pipeline_alone_steps_per_s"]:.2f}, loop {f["loop/loop_steps_per_s"]:.2f} steps/s', flush=True)
+
+
+SECTION_FNS = {'loop': section_loop, 'train': section_train, 'reference': section_reference, 'mfu': section_mfu,
                'retrieval': section_retrieval, 'pipeline': section_pipeline}
 
 
@@ -313,6 +335,13 @@ def report(figures: dict[str, Any], meta: dict[str, Any]) -> str:
                  'samples/s |')
   else:
     lines.append(f'| input pipeline | {g("pipeline/problem", "not run")} |')
+  if g('loop/loop_steps_per_s') is not None:
+    lines.append(f'| loop of configs/cuhk.py (bfloat16, {g("loop/workers")} workers): step alone / pipeline alone / '
+                 f'loop / loop in series | {_fmt(g("loop/step_alone_steps_per_s"), digits=2)} / '
+                 f'{_fmt(g("loop/pipeline_alone_steps_per_s"), digits=2)} / {_fmt(g("loop/loop_steps_per_s"), digits=2)}'
+                 f' / {_fmt(g("loop/loop_in_series_steps_per_s"), digits=2)} steps/s |')
+  else:
+    lines.append(f'| training loop | {g("loop/problem", "not run")} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -332,8 +361,10 @@ def orchestrate(args) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     for name in sections:
       print(f'== {name}', flush=True)
+      t0 = time.time()
       part, problem = _run_child(name, args, os.path.join(tmp, f'{name}.json'), LIMITS[name] * scale)
       figures.update(part)
+      figures[f'{name}/section_s'] = time.time() - t0
       if problem:
         figures[f'{name}/problem'] = problem
         print(f'{name}: {problem}', flush=True)
@@ -361,8 +392,8 @@ def main(argv=None) -> int:
   p.add_argument('--out', default='gpu_benchmark_out', help='where the JSON and markdown go')
   p.add_argument('--size', default='full', choices=('full', 'tiny'))
   p.add_argument('--sections', default=','.join(SECTIONS), help='comma-separated subset of ' + ','.join(SECTIONS))
-  p.add_argument('--budget_s', type=float, default=480.0, help='time for all sections together')
-  p.add_argument('--compile_workers', type=int, default=4, help='steps compiled at once in the train section')
+  p.add_argument('--budget_s', type=float, default=450.0, help='time for all sections together')
+  p.add_argument('--compile_workers', type=int, default=8, help='steps compiled at once in the train section')
   p.add_argument('--mfu_batch', type=int, default=0, help='samples per step for the MFU figure (0: 192)')
   p.add_argument('--pipeline_workers', type=int, default=-1, help='Grain workers (-1: min(16, cores))')
   p.add_argument('--pipeline_image_hw', default='256,96', help='stored JPEG size H,W (resized to 384x128)')
