@@ -35,7 +35,7 @@ Training (`train_iterator`)
   (drawn by input_pipeline.text.sample_phrase_level / sample_word_level); and BMM keep masks: per
   view over N_img = num_image_tokens(...) tokens and per text over its level's L_l positions (padding
   included, as the reference; L_l = data.text_length, data.phrase_text_length, data.word_text_length,
-  see ivt_jax.shapes.level_text_lengths): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped,
+  see input_pipeline.shapes.level_text_lengths): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped,
   position 0 (CLS) is always kept; drawn independently per sample, level and modality (the
   reference draws one pattern per forward for the whole batch).
   Batch (B = P K / shard_count samples on this process):
@@ -71,8 +71,8 @@ import numpy as np
 
 from input_pipeline import augment
 from input_pipeline import text
-from ivt_jax.shapes import level_text_lengths
-from ivt_jax.shapes import num_image_tokens
+from input_pipeline.shapes import level_text_lengths
+from input_pipeline.shapes import num_image_tokens
 
 LEVELS = ('sentence', 'phrase', 'word')
 SAMPLE_UNITS = ('caption', 'image')

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+import tqdm
 
 # Bump when drawing or captions change: an existing directory is then regenerated.
 VERSION = 2  # 2: splits sampled test first; image seeds keyed by position within the split
@@ -1463,19 +1464,26 @@ def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
                '%s with %d worker(s).', total, num_ids, images_per_id, eval_images_per_id, image_size[0],
                image_size[1], out_dir, workers)
 
+  bar = tqdm.tqdm(total=total, desc='SynthPEDES: drawing', unit=' images', mininterval=1.0, leave=True)
+
   def progress(done: int) -> None:
+    bar.update(1)
     if done % log_every == 0 or done == total:
       dt = time.time() - t0
-      logging.info('SynthPEDES: %d/%d images, %.1f s, %.0f images/s.', done, total, dt, done / max(dt, 1e-9))
+      logging.debug('SynthPEDES: %d/%d images, %.1f s, %.0f images/s.', done, total, dt, done / max(dt, 1e-9))
 
-  if workers == 1:
-    for i, job in enumerate(jobs):
-      _render_job(job)
-      progress(i + 1)
-  else:
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_mp_context()) as pool:
-      for i, _ in enumerate(pool.map(_render_job, jobs, chunksize=16)):
+  try:
+    if workers == 1:
+      for i, job in enumerate(jobs):
+        _render_job(job)
         progress(i + 1)
+    else:
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=_mp_context()) as pool:
+        for i, _ in enumerate(pool.map(_render_job, jobs, chunksize=16)):
+          progress(i + 1)
+  finally:
+    bar.close()
+  logging.info('SynthPEDES: drew %d images in %.1f s.', total, time.time() - t0)
 
   _write_json(json_path, records)
   _write_json(params_path, {'params': params, 'complete': True, 'identities': identities})

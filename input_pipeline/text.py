@@ -200,6 +200,28 @@ def packaged_tagger_path() -> str:
                           f'{hint}')
 
 
+class _MemoPredict:
+  """The tagger model's `predict(features)` remembered per feature set. The averaged perceptron's answer is a
+  pure function of the features (the word, its affixes, its neighbours and the two previous tags), and
+  captions repeat these contexts far more often than they repeat whole sentences, so most tokens are looked
+  up instead of scored. Bounded: the memory is cleared when it holds `limit` entries."""
+
+  def __init__(self, predict, limit: int = 1 << 18):
+    self._predict, self._limit = predict, limit
+    self._memory: dict = {}
+
+  def __call__(self, features, return_conf=False):
+    if return_conf:
+      return self._predict(features, True)
+    key = frozenset(features.items())
+    answer = self._memory.get(key)
+    if answer is None:
+      if len(self._memory) >= self._limit:
+        self._memory.clear()
+      answer = self._memory[key] = self._predict(features)
+    return answer
+
+
 @functools.lru_cache(maxsize=None)
 def _tagger_and_source() -> tuple[PerceptronTagger, str]:
   try:
@@ -207,14 +229,17 @@ def _tagger_and_source() -> tuple[PerceptronTagger, str]:
   except LookupError:
     found = None
   if found is not None:
-    return PerceptronTagger(), f'nltk_data:{found}'
-  path = packaged_tagger_path()
-  weights, tagdict, classes = load_tagger_model(path)
-  tagger = PerceptronTagger(load=False)
-  tagger.model.weights = weights
-  tagger.tagdict = tagdict
-  tagger.classes = tagger.model.classes = classes
-  return tagger, f'{_TAGGER_PICKLE_PACKAGE}:{path}'
+    tagger, source = PerceptronTagger(), f'nltk_data:{found}'
+  else:
+    path = packaged_tagger_path()
+    weights, tagdict, classes = load_tagger_model(path)
+    tagger = PerceptronTagger(load=False)
+    tagger.model.weights = weights
+    tagger.tagdict = tagdict
+    tagger.classes = tagger.model.classes = classes
+    source = f'{_TAGGER_PICKLE_PACKAGE}:{path}'
+  tagger.model.predict = _MemoPredict(tagger.model.predict)
+  return tagger, source
 
 
 def load_tagger() -> PerceptronTagger:

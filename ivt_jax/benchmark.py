@@ -3,6 +3,7 @@
   python -m ivt_jax.benchmark --config=configs/cuhk.py [--batch N] [--steps N] [--config.key=value ...]
   python -m ivt_jax.benchmark --config=configs/cuhk.py --batch 8 --fsdp_memory=1,2,4,8 --notrain --noretrieval
   python -m ivt_jax.benchmark --config=configs/demo.py --loop --notrain --noretrieval   # step, pipeline, loop
+  python -m ivt_jax.benchmark --config=configs/demo_part.py --part_cost --noretrieval   # the part head's cost
 
 Training step: the real `step.train_step` with `optim.make_optimizer`, jitted with the shardings of training
 (mesh data x fsdp from config.mesh, parameters by sharding.param_shardings, optimizer state as its parameters,
@@ -41,7 +42,7 @@ import numpy as np
 
 from ivt_jax import model as model_lib
 from ivt_jax import retrieval
-from ivt_jax import shapes
+from input_pipeline import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 from ivt_jax import step_setup
@@ -102,7 +103,7 @@ def analytic_train_flops(config: ml_collections.ConfigDict, batch: int) -> float
   convolution counts 2 (P^2 3) D per patch. Backward = 2x forward (gradients of activations and weights),
   except the patch convolution, whose input (the image) needs no gradient: 1x. The CMPM similarity
   (3B x 3B x D) is included; elementwise operations, norms and the optimizer are not. Each MLA level's text
-  counts its own length (ivt_jax.shapes.level_text_lengths).
+  counts its own length (input_pipeline.shapes.level_text_lengths).
   """
   enc = model_lib.encoder_config(config)
   d, m, depth = enc.width, enc.mlp_dim, enc.depth
@@ -308,6 +309,9 @@ def main(argv):
   if FLAGS.train:
     figures.update(benchmark_train(config, batch, FLAGS.steps, FLAGS.warmup, cpu_peak, log=log))
     _print_new(figures, 'train/')
+  if FLAGS.part_cost:
+    from ivt_jax import part_cost  # pylint: disable=g-import-not-at-top
+    print(part_cost.format_cost(part_cost.cost_summary(config, FLAGS.steps if FLAGS.train else 0)), flush=True)
   if FLAGS.loop:
     from ivt_jax import loop_benchmark  # pylint: disable=g-import-not-at-top  (draws a source: only when asked)
     figures.update(loop_benchmark.benchmark_loop(config, FLAGS.steps, FLAGS.warmup, num_ids=FLAGS.loop_ids,
@@ -344,6 +348,8 @@ def _define_flags():
   flags.DEFINE_bool('train', True, 'Run and time the training step.')
   flags.DEFINE_string('fsdp_memory', '', 'Comma-separated fsdp sizes: compiled memory per device for each.')
   flags.DEFINE_bool('cpu_peak', False, 'Measure the CPU matmul rate even without --train.')
+  flags.DEFINE_bool('part_cost', False, "The part head's extra cost against the IVT head (ivt_jax.part_cost): "
+                    'parameters, embedding size and, with --train, the step.')
   flags.DEFINE_bool('loop', False, 'Also the loop: the step alone, the input pipeline alone and the two together '
                     '(ivt_jax.loop_benchmark), in steps/s, on an in-memory SynthPEDES source.')
   flags.DEFINE_integer('loop_ids', 64, '--loop: identities in the in-memory source.')

@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from ivt_jax import heads
 from ivt_jax import metrics as metrics_lib
 from ivt_jax import model as model_lib
 from ivt_jax import sharding as sharding_lib
@@ -93,7 +94,7 @@ def build(config: ml_collections.ConfigDict, workdir: str):
   tokenizer = tokenizers_lib.load_tokenizer(prepared.tokenizer, prepared.tokenizer_path)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.vocab_size = int(tokenizer.vocab_size)
-  encoder = model_lib.build(config)
+  encoder = heads.build(config)
   mesh = sharding_lib.make_mesh(config)
   abstract = jax.eval_shape(lambda: model_lib.init_module_params(encoder, jax.random.key(0)))
   shardings = sharding_lib.param_shardings(abstract, mesh)

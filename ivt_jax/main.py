@@ -5,6 +5,7 @@
 Several processes (GPU nodes): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 (--local_device_ids=0,1,... or 'all' to choose this process's GPUs). On Cloud TPU VMs, --distributed alone (the
 runtime supplies the rest). Several CPU processes on one machine (a test setting): --cpu_collectives=gloo.
+Libraries' INFO lines are hidden: --verbosity=1 (or IVT_VERBOSE=1) shows them (ivt_jax.console).
 """
 import os
 
@@ -42,6 +43,8 @@ def parse_local_device_ids(value: str) -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from ivt_jax import console
+  console.quiet_libraries(FLAGS.verbosity)
   import jax
   if FLAGS.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', FLAGS.cpu_collectives)

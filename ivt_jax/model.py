@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ivt_jax import shapes
+from input_pipeline import shapes
 
 MASK_VALUE = -10000.0  # the reference's additive mask, not -inf.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
@@ -325,18 +325,6 @@ class Encoder(nn.Module):
   def __call__(self, images, ids, mask, train: bool = False):
     """Both modalities (used to initialize every parameter): -> ((B, D), (B, D))."""
     return self.embed_images(images, train=train), self.embed_texts(ids, mask, train=train)
-
-
-def build(config: ml_collections.ConfigDict) -> nn.Module:
-  """The model selected by config.model.head: 'ivt' (the encoder; CLS embeddings) or 'part' (the encoder plus
-  the shared-query part decoder, ivt_jax.part_model; the encoder's parameters keep their names)."""
-  cfg = encoder_config(config)
-  if config.model.head == 'ivt':
-    return Encoder(cfg)
-  if config.model.head == 'part':
-    from ivt_jax import part_model  # pylint: disable=g-import-not-at-top  (part_model imports this module)
-    return part_model.build(config)
-  raise ValueError(f"model.head must be 'ivt' or 'part', got {config.model.head!r}")
 
 
 def init_module_params(module: nn.Module, rng: jax.Array):

@@ -1,6 +1,5 @@
 """The part-level head: coarse-to-fine embeddings from K learnable part queries shared by both modalities.
-
-  python -m ivt_jax.part_model --config=configs/demo_part.py [--time_steps=3]   # prints `cost_summary`
+(Its extra cost against the IVT head: ivt_jax.part_cost, `python -m ivt_jax.benchmark --part_cost`.)
 
 The model is the IVT encoder (same parameters, same names) plus a small decoder:
 
@@ -31,15 +30,12 @@ attention stays defined.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ivt_jax import model as model_lib
 
@@ -300,106 +296,3 @@ def embedding_size(config: ml_collections.ConfigDict) -> int:
   if config.model.head != 'part' or config.part.score == 'coarse':
     return d
   return (1 + config.part.num_parts) * d
-
-
-# ---- cost ------------------------------------------------------------------------------------------
-
-def _fake_batch(config, num_image_tokens: int):
-  """A training batch of the configured shapes (random content): see input_pipeline.pipeline."""
-  rng = np.random.default_rng(0)
-  b = config.data.ids_per_batch * config.data.images_per_id
-  h, w = config.data.image_size
-  n = config.data.text_length
-  lengths = rng.integers(2, n + 1, size=(b, 3))
-  mask = (np.arange(n)[None, None, :] < lengths[..., None]).astype(np.int32)
-  return {'images': rng.integers(0, 256, (b, 3, h, w, 3), dtype=np.uint8),
-          'text_ids': (rng.integers(1, config.model.vocab_size, (b, 3, n)) * mask).astype(np.int32),
-          'text_mask': mask,
-          'image_keep': np.ones((b, 3, num_image_tokens), bool),
-          'text_keep': np.ones((b, 3, n), bool),
-          'person_id': np.repeat(np.arange(config.data.ids_per_batch, dtype=np.int32), config.data.images_per_id)}
-
-
-def _measure(config, time_steps: int) -> dict:
-  """Parameters, embedding size and (time_steps > 0) the compiled step's FLOPs and mean seconds for one head."""
-  from ivt_jax import optim
-  from ivt_jax import step as step_lib
-  module = model_lib.build(config)
-  params = jax.jit(functools.partial(model_lib.init_module_params, module))(jax.random.PRNGKey(0))
-  total = model_lib.count_params(params)
-  decoder = model_lib.count_params({k: v for k, v in params.items() if k.startswith('part_')})
-  out = {'params': total, 'part_params': decoder, 'embedding_floats': embedding_size(config)}
-  if time_steps <= 0:
-    return out
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch=100)
-  state = step_lib.create_state(params, tx, jax.random.PRNGKey(1))
-  batch = jax.tree_util.tree_map(jnp.asarray, _fake_batch(config, module.cfg.num_image_tokens))
-  step = jax.jit(functools.partial(step_lib.train_step, encoder=module, tx=tx, schedule=schedule,
-                                   steps_per_epoch=100))
-  compiled = step.lower(state, batch).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out['step_flops'] = float(cost.get('flops', float('nan'))) if cost else float('nan')
-  state, m = compiled(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(time_steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  out['step_seconds'] = float(np.min(times))  # the fastest: least disturbed by other load
-  return out
-
-
-def cost_summary(config: ml_collections.ConfigDict, time_steps: int = 3) -> dict:
-  """The part head's extra cost against the IVT head on the same config.
-
-  Returns {'ivt': {...}, 'part': {...}, 'extra': {...}} where each head has params, part_params,
-  embedding_floats (per image and per text vector) and, when time_steps > 0, step_flops (XLA's count for one
-  compiled train step) and step_seconds (the fastest of `time_steps` timed steps after one warm-up, on the
-  default backend, with a random batch of the configured shape). 'extra' holds the part/ivt ratios and the
-  added parameter count.
-  """
-  results = {}
-  for head in ('ivt', 'part'):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.model.head = head
-    results[head] = _measure(c, time_steps)
-  ivt, part = results['ivt'], results['part']
-  extra = {'params_added': part['params'] - ivt['params'],
-           'params_ratio': part['params'] / ivt['params'],
-           'embedding_ratio': part['embedding_floats'] / ivt['embedding_floats']}
-  for key in ('step_flops', 'step_seconds'):
-    if key in part and key in ivt:
-      extra[f'{key.split("_")[1]}_ratio'] = part[key] / ivt[key]
-  results['extra'] = extra
-  return results
-
-
-def format_cost(summary: dict) -> str:
-  lines = [f'{"":8s}{"params":>14s}{"decoder":>12s}{"emb floats":>12s}{"step GFLOP":>12s}{"step s":>10s}']
-  for head in ('ivt', 'part'):
-    r = summary[head]
-    lines.append(f'{head:8s}{r["params"]:>14,d}{r["part_params"]:>12,d}{r["embedding_floats"]:>12d}'
-                 f'{r.get("step_flops", float("nan")) / 1e9:>12.2f}{r.get("step_seconds", float("nan")):>10.4f}')
-  e = summary['extra']
-  lines.append('part / ivt: ' + ', '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v:,d}'
-                                          for k, v in e.items()))
-  return '\n'.join(lines)
-
-
-def main(argv):
-  del argv
-  from absl import flags
-  config = flags.FLAGS.config
-  print(format_cost(cost_summary(config, flags.FLAGS.time_steps)))
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/*.py).')
-  flags.DEFINE_integer('time_steps', 3, 'Timed train steps per head (0: parameters and sizes only).')
-  flags.mark_flags_as_required(['config'])
-  app.run(main)

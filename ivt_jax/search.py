@@ -244,6 +244,7 @@ def load_model(checkpoint: str, config: Optional[ml_collections.ConfigDict] = No
   """
   from ivt_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from ivt_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from ivt_jax import heads  # pylint: disable=g-import-not-at-top
   from ivt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from ivt_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
@@ -262,7 +263,7 @@ def load_model(checkpoint: str, config: Optional[ml_collections.ConfigDict] = No
                      f'was trained with {trained_with}: pass the tokenizer it was trained with')
   config.model.vocab_size = int(tokenizer.vocab_size)
   config = _search_mesh_config(config)
-  encoder = model_lib.build(config)
+  encoder = heads.build(config)
   mesh = sharding_lib.make_mesh(config)
   abstract = jax.eval_shape(lambda: model_lib.init_module_params(encoder, jax.random.key(0)))
   shardings = sharding_lib.param_shardings(abstract, mesh)

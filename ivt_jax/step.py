@@ -42,7 +42,7 @@ def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
                 text_lengths: Optional[Sequence[int]] = None):
   """encoder.apply(method) on the 3B texts of the MLA batch, in `flatten_levels` order.
 
-  text_lengths: positions per level (ivt_jax.shapes.level_text_lengths); a level shorter than the batch's
+  text_lengths: positions per level (input_pipeline.shapes.level_text_lengths); a level shorter than the batch's
   L runs as its own forward on its first positions (the rest is padding, masked either way), so the
   short phrase and word texts cost what they hold. None (or all equal to L): one forward over (3B, L).
   """

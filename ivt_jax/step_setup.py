@@ -11,9 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from ivt_jax import heads
 from ivt_jax import model as model_lib
 from ivt_jax import optim
-from ivt_jax import shapes
+from input_pipeline import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 
@@ -75,7 +76,7 @@ class TrainSetup:
       raise ValueError(f'--batch {batch} must be a multiple of the {mesh.size} devices of the mesh '
                        f'{dict(mesh.shape)} and of the {jax.process_count()} processes')
     self.config, self.mesh, self.batch = config, mesh, batch
-    self.encoder = model_lib.build(config)
+    self.encoder = heads.build(config)
     self.tx, schedule = optim.make_optimizer(config, steps_per_epoch)
     self.rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(lambda: model_lib.init_module_params(self.encoder, jax.random.key(0)))

@@ -21,11 +21,12 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from ivt_jax import checkpoints
+from ivt_jax import console
 from ivt_jax import evaluate as evaluate_lib
 from ivt_jax import model as model_lib
 from ivt_jax import optim
 from ivt_jax import prefetch
-from ivt_jax import shapes
+from input_pipeline import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 
@@ -143,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            every_steps=config.log_every_steps)
   preemption = _Preemption()
   step = int(state.step)
+  progress = console.Progress(total_steps, start=step, enabled=jax.process_index() == 0)
   pending = None  # metrics of the previous step, checked one step late to keep dispatch asynchronous
   t_log, step_log = time.time(), step
 
@@ -167,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last = check(pending)
         elapsed = time.time() - t_log
         pairs_per_s = (step - step_log) * global_batch * step_lib.LEVELS / max(elapsed, 1e-9)
+        progress.update(step, float(last['loss']), float(last['learning_rate']))
         writer.write_scalars(step, {'train/loss': float(last['loss']),
                                     'train/grad_norm': float(last['grad_norm']),
                                     'train/learning_rate': float(last['learning_rate']),
@@ -174,9 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_log, step_log = time.time(), step
       if has_val and (step % eval_every == 0 or step == total_steps):
         check(pending)
+        progress.clear()
         val, *_ = run_eval(state.params, 'val')
         writer.write_scalars(step, {f'val/{k}': v for k, v in val.items()})
-        logging.info('step %d val: %s', step, val)
+        logging.info('step %d val: %s', step, _metrics_line(val))
         if meta['best_val'] is None or val['r1'] > meta['best_val']['r1']:
           meta.update(best_val=val, best_step=step)
           checkpoints.save_params(best_manager, step, state.params, save_meta(step))
@@ -193,6 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       check(pending)
     manager.wait_until_finished()
   finally:
+    progress.clear()
     preemption.restore()
     data_iter.close()
 
@@ -209,8 +214,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
       json.dump(result, f, indent=2)
     _retrieval_picture(config, emb, sim, source, os.path.join(workdir, 'retrieval.png'))
-  logging.info('test: %s', ' '.join(f'{k}={v:.2f}' for k, v in test.items()))
+  logging.info('test: %s', _metrics_line(test))
+  if jax.process_index() == 0:
+    print(_summary(result, workdir), flush=True)
   return result
+
+
+METRIC_NAMES = (('r1', 'R@1'), ('r5', 'R@5'), ('r10', 'R@10'), ('mAP', 'mAP'), ('mINP', 'mINP'))
+
+
+def _metrics_line(m: dict) -> str:
+  return '  '.join(f'{name} {m[k]:.2f}' for k, name in METRIC_NAMES if k in m)
+
+
+def _summary(result: dict, workdir: str) -> str:
+  """The results table and where the outputs are, for the person who ran the program."""
+  rows = []
+  if result.get('best_val'):
+    rows.append({'split': f'val (best, step {result["best_step"]})',
+                 **{name: float(result['best_val'][k]) for k, name in METRIC_NAMES}})
+  rows.append({'split': 'test', **{name: float(result['test'][k]) for k, name in METRIC_NAMES}})
+  table = console.table(rows, ['split'] + [name for _, name in METRIC_NAMES])
+  params_dir = os.path.join(workdir, 'best' if result.get('best_val') else 'checkpoints')
+  outputs = [f'  metrics      {os.path.join(workdir, "metrics.json")}',
+             f'  picture      {os.path.join(workdir, "retrieval.png")}',
+             f'  parameters   {params_dir}',
+             f'  TensorBoard  tensorboard --logdir {workdir}']
+  return (f'\ntext-to-image retrieval, {result["steps"]} steps, {result["seconds"] / 60:.1f} min\n{table}\n'
+          'outputs:\n' + '\n'.join(outputs))
 
 
 def _retrieval_picture(config, emb, sim, source, path):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from ivt_jax import attention_maps
 from ivt_jax import search
-from ivt_jax import shapes
+from input_pipeline import shapes
 from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
 
 

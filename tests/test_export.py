@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from ivt_jax import heads
 from ivt_jax import model as model_lib
 from ivt_jax import step as step_lib
 from ivt_jax import step_setup
@@ -43,7 +44,7 @@ def test_train_step_exports_for_gpu_and_tpu(dtype):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_embedders_export_for_gpu_and_tpu(dtype):
   c = _config(dtype)
-  encoder = model_lib.build(c)
+  encoder = heads.build(c)
   params = jax.eval_shape(lambda: model_lib.init_module_params(encoder, jax.random.key(0)))
   h, w = c.data.image_size
   images = jax.ShapeDtypeStruct((4, h, w, 3), jnp.uint8)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from ivt_jax import heads
 from ivt_jax import model as model_lib
+from ivt_jax import part_cost
 from ivt_jax import part_losses
 from ivt_jax import part_model
 from ivt_jax import step as step_lib
@@ -33,7 +35,7 @@ def _inputs(c, b=4, seed=0):
 
 
 def _init(c, seed=0):
-  module = model_lib.build(c)
+  module = heads.build(c)
   return module, model_lib.init_module_params(module, jax.random.PRNGKey(seed))
 
 
@@ -66,11 +68,11 @@ def test_shapes_and_encoder_names():
 
 def test_bad_part_config_names_key():
   with pytest.raises(ValueError, match='part.weights'):
-    model_lib.build(part_config(weights='learned'))
+    heads.build(part_config(weights='learned'))
   with pytest.raises(ValueError, match='part.cmr_min_margin'):
-    model_lib.build(part_config(cmr_margin=0.1, cmr_min_margin=0.2))
-  with pytest.raises(ValueError, match="'ivt' or 'part'"):
-    model_lib.build(tiny_config(head='slots'))
+    heads.build(part_config(cmr_margin=0.1, cmr_min_margin=0.2))
+  with pytest.raises(ValueError, match='model.head must be one of'):
+    heads.build(tiny_config(head='slots'))
 
 
 @pytest.mark.parametrize('share', [True, False])
@@ -321,12 +323,12 @@ def test_train_step_reports_part_metrics_and_stays_finite():
 
 def test_cost_summary_sizes():
   c = part_config()
-  summary = part_model.cost_summary(c, time_steps=0)
+  summary = part_cost.cost_summary(c, time_steps=0)
   d, k = c.model.width, c.part.num_parts
   assert summary['ivt']['embedding_floats'] == d and summary['part']['embedding_floats'] == (1 + k) * d
   assert summary['ivt']['part_params'] == 0
   assert summary['part']['params'] - summary['ivt']['params'] == summary['part']['part_params'] > 0
-  assert 'params_added' in part_model.format_cost(summary)
+  assert 'params_added' in part_cost.format_cost(summary)
 
 
 @pytest.mark.slow

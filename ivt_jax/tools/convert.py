@@ -34,6 +34,7 @@ from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
 from ivt_jax import checkpoints
+from ivt_jax import heads
 from ivt_jax import model as model_lib
 from ivt_jax import pretrained
 
@@ -72,7 +73,7 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, overwrite: bool = F
     raise FileExistsError(f'--out {out_dir} already holds a checkpoint (steps {existing}); pass --overwrite '
                           'to replace it')
   config = resolve_vocab_size(config)
-  module = model_lib.build(config)  # the model config.model.head selects, as training builds it
+  module = heads.build(config)  # the model config.model.head selects, as training builds it
   init = jax.jit(functools.partial(model_lib.init_module_params, module))
   params = jax.device_get(init(jax.random.key(config.seed)))
   params, report = pretrained.load_pretrained(config, params)

@@ -1,4 +1,5 @@
-"""Token-count arithmetic shared by the model, the input pipeline and the weight loaders (no heavy imports)."""
+"""Token-count arithmetic of the data (image tokens from the patch grid, per-level text lengths), read by the input
+pipeline, the model and the weight loaders alike; the lowest floor: no imports."""
 
 
 def patch_grid(image_size, patch_size: int, stride: int) -> tuple[int, int]:
