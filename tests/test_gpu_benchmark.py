@@ -89,8 +89,8 @@ def test_the_script_runs_every_section_at_a_tiny_size(tmp_path):
   env.pop('XLA_FLAGS', None)  # one CPU device, as one GPU
   out = tmp_path / 'out'
   # A generous budget: CI runs other tests beside this one on its two cores.
-  proc = subprocess.run(['bash', 'launch/gpu_benchmark.sh', '--size=tiny', f'--out={out}', '--budget_s=2400'], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=1800)
+  args = ['bash', 'launch/gpu_benchmark.sh', '--size=tiny', f'--out={out}', '--budget_s=2400']
+  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   saved = json.load(open(out / 'gpu_benchmark.json'))
   f = saved['figures']

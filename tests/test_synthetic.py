@@ -227,7 +227,7 @@ def test_cli(tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == os.path.join(out, 'reid_raw.json')
-  assert '5/5 images' in proc.stderr
+  assert '5/5' in proc.stderr and 'drew 5 images' in proc.stderr  # the progress bar, then the summary
   with open(os.path.join(out, 'reid_raw.json')) as f:
     assert len(json.load(f)) == 5
   bad_args = ['--out', str(tmp_path / 'bad'), '--ids', '2', '--val-ids', '1', '--test-ids', '1']

@@ -132,7 +132,7 @@ def test_sigterm_leaves_restorable_checkpoint(data_root, tmp_path):
   deadline = time.time() + 300
   for line in proc.stdout:
     lines.append(line)
-    if 'train/loss' in line or time.time() > deadline:
+    if 'train step' in line or time.time() > deadline:  # the progress line (ivt_jax.console)
       break
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)

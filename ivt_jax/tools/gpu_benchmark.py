@@ -86,6 +86,13 @@ def _short(e: BaseException) -> str:
 
 # ---- sections (each runs in its own process) ---------------------------------------------------------------
 
+def _emit_step_figures(emit, prefix: str, figures: dict, keys) -> None:
+  """benchmark.benchmark_train's figures `train/<key>` as `<prefix>/<key>`."""
+  for key in keys:
+    if f'train/{key}' in figures:
+      emit(f'{prefix}/{key}', figures[f'train/{key}'])
+
+
 def section_train(size: str, emit: Callable[[str, Any], None], args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from ivt_jax import benchmark, step_setup  # pylint: disable=g-import-not-at-top
@@ -108,10 +115,8 @@ def section_train(size: str, emit: Callable[[str, Any], None], args) -> None:
     except Exception as e:  # pylint: disable=broad-except
       emit(f'{name}/error', _short(e))
       continue
-    for key in ('pairs_per_s', 'step_s', 'step_s_median', 'compiled_total_bytes', 'compile_s',
-                'peak_bytes_in_use', 'utilization_analytic'):
-      if f'train/{key}' in f:
-        emit(f'{name}/{key}', f[f'train/{key}'])
+    _emit_step_figures(emit, name, f, ('pairs_per_s', 'step_s', 'step_s_median', 'compiled_total_bytes',
+                                       'compile_s', 'peak_bytes_in_use', 'utilization_analytic'))
     print(f'{name}: {f["train/pairs_per_s"]:.1f} pairs/s, step {f["train/step_s_median"] * 1e3:.1f} ms, '
           f'compiled memory {f["train/compiled_total_bytes"] / GIB:.2f} GiB', flush=True)
 
@@ -164,10 +169,9 @@ def section_mfu(size: str, emit, args) -> None:
     if f is None:
       continue
     emit(f'mfu/{attn}/batch_samples', batch)
-    for key in ('pairs_per_s', 'step_s_median', 'utilization_analytic', 'utilization_xla', 'flops_analytic',
-                'peak_flops', 'compiled_total_bytes'):
-      if f'train/{key}' in f:
-        emit(f'mfu/{attn}/{key}', f[f'train/{key}'])
+    _emit_step_figures(emit, f'mfu/{attn}', f, ('pairs_per_s', 'step_s_median', 'utilization_analytic',
+                                                'utilization_xla', 'flops_analytic', 'peak_flops',
+                                                'compiled_total_bytes'))
     print(f'mfu/{attn}: batch {batch} x 3, {f["train/pairs_per_s"]:.1f} pairs/s, model-FLOPs utilization '
           f'{f.get("train/utilization_analytic", float("nan")):.3f}', flush=True)
 
@@ -337,9 +341,9 @@ def report(figures: dict[str, Any], meta: dict[str, Any]) -> str:
     lines.append(f'| input pipeline | {g("pipeline/problem", "not run")} |')
   if g('loop/loop_steps_per_s') is not None:
     lines.append(f'| loop of configs/cuhk.py (bfloat16, {g("loop/workers")} workers): step alone / pipeline alone / '
-                 f'loop / loop in series | {_fmt(g("loop/step_alone_steps_per_s"), digits=2)} / '
-                 f'{_fmt(g("loop/pipeline_alone_steps_per_s"), digits=2)} / {_fmt(g("loop/loop_steps_per_s"), digits=2)}'
-                 f' / {_fmt(g("loop/loop_in_series_steps_per_s"), digits=2)} steps/s |')
+                 'loop / loop in series | ' + ' / '.join(
+                     _fmt(g(f'loop/{k}_steps_per_s'), digits=2)
+                     for k in ('step_alone', 'pipeline_alone', 'loop', 'loop_in_series')) + ' steps/s |')
   else:
     lines.append(f'| training loop | {g("loop/problem", "not run")} |')
   return '\n'.join(lines) + '\n'
@@ -369,8 +373,8 @@ def orchestrate(args) -> int:
         figures[f'{name}/problem'] = problem
         print(f'{name}: {problem}', flush=True)
   sizes = _sizes(args.size)
-  meta = {'date': time.strftime('%Y-%m-%d'), 'size': args.size, 'batch': sizes['ids'] * sizes['images_per_id'], 'seconds': time.time() - start,
-          'reference_repo': args.reference_repo or None, 'python': sys.version.split()[0]}
+  meta = {'date': time.strftime('%Y-%m-%d'), 'size': args.size, 'batch': sizes['ids'] * sizes['images_per_id'],
+          'seconds': time.time() - start, 'reference_repo': args.reference_repo or None, 'python': sys.version.split()[0]}
   try:
     import jax  # pylint: disable=g-import-not-at-top
     meta.update(jax=jax.__version__, device=jax.devices()[0].device_kind)
