@@ -34,7 +34,29 @@ class _End:
   pass
 
 
-class DevicePrefetcher(grain.DatasetIterator):
+class _Wrapper(grain.DatasetIterator):
+  """What both feeds share: iteration, and closing the wrapped iterator once (after `_stop()`)."""
+
+  def __init__(self, iterator: Any, place: Callable[[Any], Any]):
+    super().__init__()
+    self._it, self._place = iterator, place
+
+  def __iter__(self) -> Iterator[Any]:
+    return self
+
+  def _stop(self) -> None:
+    pass
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._stop()
+      close = getattr(self._it, 'close', None)
+      if close is not None:
+        close()
+
+
+class DevicePrefetcher(_Wrapper):
   """Reads `size` batches ahead of the caller in a daemon thread and applies `place` (e.g. the placement of a
   process-local numpy batch as global jax.Arrays: `sharding.global_batch`) there.
 
@@ -45,10 +67,10 @@ class DevicePrefetcher(grain.DatasetIterator):
   """
 
   def __init__(self, iterator: Any, place: Callable[[Any], Any], size: int = 2):
-    super().__init__()
     if size < 1:
       raise ValueError(f'prefetch size must be >= 1, got {size}')
-    self._it, self._place, self._size = iterator, place, int(size)
+    super().__init__(iterator, place)
+    self._size = int(size)
     self._state = copy.deepcopy(iterator.get_state())
     self._queue: queue.Queue | None = None
     self._stop_event: threading.Event | None = None
@@ -92,9 +114,6 @@ class DevicePrefetcher(grain.DatasetIterator):
 
   # ---- the iterator --------------------------------------------------------------------------------
 
-  def __iter__(self) -> Iterator[Any]:
-    return self
-
   def __next__(self) -> Any:
     self.start_prefetch()
     while True:
@@ -124,24 +143,9 @@ class DevicePrefetcher(grain.DatasetIterator):
   def __str__(self) -> str:
     return f'DevicePrefetcher(size={self._size}, {self._it})'
 
-  def close(self) -> None:
-    if not self._closed:
-      self._closed = True
-      self._stop()
-      close = getattr(self._it, 'close', None)
-      if close is not None:
-        close()
 
-
-class InSeries(grain.DatasetIterator):
+class InSeries(_Wrapper):
   """The same interface without a thread: each `next()` reads and places one batch (data.prefetch = 0)."""
-
-  def __init__(self, iterator: Any, place: Callable[[Any], Any]):
-    super().__init__()
-    self._it, self._place = iterator, place
-
-  def __iter__(self) -> Iterator[Any]:
-    return self
 
   def __next__(self) -> Any:
     return self._place(next(self._it))
@@ -159,13 +163,6 @@ class InSeries(grain.DatasetIterator):
 
   def __str__(self) -> str:
     return f'InSeries({self._it})'
-
-  def close(self) -> None:
-    if not self._closed:
-      self._closed = True
-      close = getattr(self._it, 'close', None)
-      if close is not None:
-        close()
 
 
 def training_feed(config: ml_collections.ConfigDict, data_iter, mesh: jax.sharding.Mesh) -> grain.DatasetIterator:
