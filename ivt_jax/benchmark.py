@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from input_pipeline import shapes
 from ivt_jax import model as model_lib
 from ivt_jax import retrieval
-from input_pipeline import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 from ivt_jax import step_setup

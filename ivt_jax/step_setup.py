@@ -11,10 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from input_pipeline import shapes
 from ivt_jax import heads
 from ivt_jax import model as model_lib
 from ivt_jax import optim
-from input_pipeline import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 

@@ -20,13 +20,13 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
+from input_pipeline import shapes
 from ivt_jax import checkpoints
 from ivt_jax import console
 from ivt_jax import evaluate as evaluate_lib
 from ivt_jax import model as model_lib
 from ivt_jax import optim
 from ivt_jax import prefetch
-from input_pipeline import shapes
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from input_pipeline import shapes
 from ivt_jax import attention_maps
 from ivt_jax import search
-from input_pipeline import shapes
 from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
 
 
