@@ -158,6 +158,32 @@ class Mlp(nn.Module):
     return nn.Dense(width, dtype=self.dtype, kernel_init=init, name='fc2')(x)
 
 
+class QKV(nn.Module):
+  """The q|k|v projection (parameters `kernel` (D, 3D) and `bias` (3D,), as nn.Dense(3D) names them).
+
+  With `cls_only`, the query is projected for the first token alone (the keys and values for every token):
+  what a block needs when only its CLS output is used.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x, cls_only: bool = False):
+    """x: (B, N, D) -> q (B, N or 1, D), k (B, N, D), v (B, N, D)."""
+    init = nn.initializers.truncated_normal(stddev=self.init_std)
+    kernel = self.param('kernel', init, (x.shape[-1], 3 * self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (3 * self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    d = self.features
+    if not cls_only:
+      q, k, v = jnp.split(x @ kernel + bias, 3, axis=-1)
+      return q, k, v
+    q = x[:, :1] @ kernel[:, :d] + bias[:d]
+    k, v = jnp.split(x @ kernel[:, d:] + bias[d:], 2, axis=-1)
+    return q, k, v
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one qkv projection laid out q|k|v and an additive key bias."""
   num_heads: int
@@ -166,14 +192,17 @@ class Attention(nn.Module):
   init_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x, key_bias):
-    """x: (B, N, D); key_bias: (B, N) float32, 0 for attended keys and -10000 for masked ones."""
+  def __call__(self, x, key_bias, cls_only: bool = False):
+    """x: (B, N, D); key_bias: (B, N) float32, 0 for attended keys and -10000 for masked ones.
+
+    -> (B, N, D), or (B, 1, D) with `cls_only`: the CLS query alone (every token still a key and value).
+    """
     b, n, d = x.shape
     h = self.num_heads
     init = nn.initializers.truncated_normal(stddev=self.init_std)
-    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=init, name='qkv')(x)
-    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)  # each (B, N, 1, H, Dh)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    q, k, v = QKV(d, self.dtype, self.init_std, name='qkv')(x, cls_only)
+    heads = lambda t: t.reshape(t.shape[0], t.shape[1], h, d // h)  # (B, T, H, Dh)
+    q, k, v = heads(q), heads(k), heads(v)
     bias = key_bias[:, None, None, :]  # (B, 1, 1, N)
     if self.is_mutable_collection('intermediates'):
       # Explicit path that exposes the attention probabilities (attention maps).
@@ -184,7 +213,7 @@ class Attention(nn.Module):
     else:
       impl = None if self.implementation == 'auto' else self.implementation
       out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=impl)
-    out = out.reshape(b, n, d)
+    out = out.reshape(b, q.shape[1], d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=init, name='proj')(out)
 
 
@@ -206,10 +235,12 @@ class Block(nn.Module):
     return jnp.where(mask, y / keep, 0).astype(y.dtype)
 
   @nn.compact
-  def __call__(self, x, key_bias, modality: str, deterministic: bool):
+  def __call__(self, x, key_bias, modality: str, deterministic: bool, cls_only: bool = False):
+    """x: (B, N, D) -> (B, N, D); with `cls_only` -> (B, 1, D), the CLS output alone (the same numbers)."""
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     attn = Attention(self.num_heads, self.dtype, self.implementation, self.init_std, name='attn')
-    x = x + self._drop_path(attn(norm('norm1')(x), key_bias), deterministic)
+    y = attn(norm('norm1')(x), key_bias, cls_only)
+    x = (x[:, :1] if cls_only else x) + self._drop_path(y, deterministic)
     y = norm('norm2')(x)
     # Both MLPs exist in every block; only the modality's one runs.
     mlp_vis = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_vis')
@@ -268,7 +299,7 @@ class Encoder(nn.Module):
     self.type_embed = self.param('type_embed', _trunc_normal, (1, n_img, c.width))
     self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_positions, c.type_vocab_size, c.width,
                                      c.text_ln_eps, c.text_embed_dropout, dtype)
-    block = nn.remat(Block, static_argnums=(3, 4)) if c.remat else Block
+    block = nn.remat(Block, static_argnums=(3, 4, 5)) if c.remat else Block
     rates = np.linspace(0.0, c.drop_path, c.depth)
     self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention, c.init_std)
                    for i in range(c.depth)]
@@ -286,15 +317,22 @@ class Encoder(nn.Module):
       raise ValueError(f'keep mask has shape {keep.shape}, expected {(batch, length)}')
     return keep.astype(bool).at[:, 0].set(True)
 
-  def _transformer(self, x, valid, modality, train):
-    """x: (B, N, D) embedded tokens; valid: (B, N) bool keys -> (B, N, D) after the final LayerNorm."""
+  def _transformer(self, x, valid, modality, train, cls_only: bool = False):
+    """x: (B, N, D) embedded tokens; valid: (B, N) bool keys -> (B, N, D) after the final LayerNorm.
+
+    cls_only: -> (B, 1, D), the CLS output alone: the last block projects only the CLS query and runs its
+    MLP and the final LayerNorm on the CLS token (the other tokens' last outputs are never used by an
+    embedding; in a 2-block model that is about a third of the block work).
+    """
     key_bias = jnp.where(valid, 0.0, MASK_VALUE).astype(jnp.float32)
-    for blk in self.blocks:
-      x = blk(x, key_bias, modality, not train)
+    last = len(self.blocks) - 1
+    for i, blk in enumerate(self.blocks):
+      x = blk(x, key_bias, modality, not train, cls_only and i == last)
     return self.norm(x)
 
-  def image_tokens(self, images, keep=None, train: bool = False):
-    """images: (B, H, W, 3) float, normalized (see `normalize_images`) -> (B, 1 + patches, D)."""
+  def image_tokens(self, images, keep=None, train: bool = False, cls_only: bool = False):
+    """images: (B, H, W, 3) float, normalized (see `normalize_images`) -> (B, 1 + patches, D), or (B, 1, D)
+    with `cls_only`."""
     c = self.cfg
     if images.shape[1:3] != tuple(c.image_size):
       raise ValueError(f'images are {images.shape[1:3]}, the model expects data.image_size {c.image_size}')
@@ -303,24 +341,25 @@ class Encoder(nn.Module):
     x = x.reshape(b, -1, c.width)  # row-major over the (rows, cols) grid
     x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c.width)).astype(x.dtype), x], axis=1)
     x = x + self.pos_embed + self.type_embed
-    return self._transformer(x, self._keep(keep, b, x.shape[1], train), 'image', train)
+    return self._transformer(x, self._keep(keep, b, x.shape[1], train), 'image', train, cls_only)
 
-  def text_tokens(self, ids, mask, keep=None, train: bool = False):
-    """ids, mask: (B, L) int -> (B, L, D). mask is 1 for real tokens (incl. [CLS]/[SEP]) and 0 for padding."""
+  def text_tokens(self, ids, mask, keep=None, train: bool = False, cls_only: bool = False):
+    """ids, mask: (B, L) int -> (B, L, D), or (B, 1, D) with `cls_only`. mask is 1 for real tokens (incl.
+    [CLS]/[SEP]) and 0 for padding."""
     b, n = ids.shape
     if n > self.cfg.max_text_positions:
       raise ValueError(f'text length {n} exceeds model.max_text_positions {self.cfg.max_text_positions}')
     x = self.embeddings(ids, deterministic=not train)
     valid = jnp.logical_and(mask.astype(bool), self._keep(keep, b, n, train))
-    return self._transformer(x, valid, 'text', train)
+    return self._transformer(x, valid, 'text', train, cls_only)
 
   def embed_images(self, images, keep=None, train: bool = False):
     """(B, H, W, 3) normalized float -> (B, D) CLS embedding (float32)."""
-    return self.image_tokens(images, keep, train)[:, 0].astype(jnp.float32)
+    return self.image_tokens(images, keep, train, cls_only=True)[:, 0].astype(jnp.float32)
 
   def embed_texts(self, ids, mask, keep=None, train: bool = False):
     """(B, L) ids and mask -> (B, D) CLS embedding (float32)."""
-    return self.text_tokens(ids, mask, keep, train)[:, 0].astype(jnp.float32)
+    return self.text_tokens(ids, mask, keep, train, cls_only=True)[:, 0].astype(jnp.float32)
 
   def __call__(self, images, ids, mask, train: bool = False):
     """Both modalities (used to initialize every parameter): -> ((B, D), (B, D))."""

@@ -272,3 +272,29 @@ def test_sincos2d_pos_embed_init():
     model.encoder_config(tiny_config(pos_embed_init='learned'))
   with pytest.raises(ValueError, match='divisible by 4'):
     model.sincos2d_pos_embed((2, 2), 30)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_embeddings_compute_the_last_block_for_cls_alone_with_the_same_numbers(remat):
+  """embed_* run the last block on the CLS query only; values and gradients equal the full sequence's CLS."""
+  _, cfg, enc, p = _setup(drop_path=0.3, text_embed_dropout=0.1, depth=3, remat=remat)
+  images, ids, mask = _inputs(cfg)
+  img_keep = model.draw_keep_mask(jax.random.key(5), 3, cfg.num_image_tokens, 0.2)
+  txt_keep = model.draw_keep_mask(jax.random.key(6), 3, ids.shape[1], 0.2)
+  rngs = {'dropout': jax.random.key(7)}
+  def both(p, cls_only):
+    xi = enc.apply({'params': p}, images, img_keep, True, cls_only, method='image_tokens', rngs=rngs)
+    xt = enc.apply({'params': p}, ids, mask, txt_keep, True, cls_only, method='text_tokens', rngs=rngs)
+    return xi, xt
+  full_i, full_t = both(p, False)
+  cls_i, cls_t = both(p, True)
+  assert full_i.shape[1] == cfg.num_image_tokens and cls_i.shape[1] == 1 and cls_t.shape[1] == 1
+  np.testing.assert_allclose(cls_i[:, 0], full_i[:, 0], atol=2e-5)
+  np.testing.assert_allclose(cls_t[:, 0], full_t[:, 0], atol=2e-5)
+  emb = enc.apply({'params': p}, images, img_keep, True, method='embed_images', rngs=rngs)
+  np.testing.assert_array_equal(emb, cls_i[:, 0])
+  loss = lambda p, cls_only: sum(jnp.sum(jnp.sin(3 * x[:, 0])) for x in both(p, cls_only))
+  g_full, g_cls = jax.grad(loss)(p, False), jax.grad(loss)(p, True)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_cls, g_full)
+  # Not vacuous: the dropped and dropout-ed runs differ from the deterministic one.
+  assert np.abs(cls_i[:, 0] - enc.apply({'params': p}, images, method='embed_images')).max() > 1e-3
