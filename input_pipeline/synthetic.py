@@ -323,7 +323,8 @@ def make_identities(num_ids: int, seed: int = 0, val_ids: int | None = None, tes
   Ids are consecutive per split (train, then val, then test). The splits are sampled test first, then val,
   then train, so the test identities depend only on (seed, test_ids, fraction) and the val identities on
   those and val_ids: adding training identities leaves the evaluation splits as they were. Within a split
-  the base identities prefer an unused (upper colour, lower colour) pair, then round(fraction * n) hard
+  the base identities prefer an (upper colour, lower colour) pair not used yet in this round (a round ends
+  when 40 draws find none), then round(fraction * n) hard
   negatives copy a base identity of the same split with 1 or 2 described groups changed. No two identities
   share `described_key`.
   """
@@ -347,6 +348,8 @@ def make_identities(num_ids: int, seed: int = 0, val_ids: int | None = None, tes
       if described_key(a) in used:
         continue
       used.add(described_key(a))
+      if pair in pairs:  # 40 draws found no unused pair: the pairs are used up, start another round
+        pairs.clear()
       pairs.add(pair)
       a['hard_negative_of'] = None
       base.append(a)
@@ -1368,7 +1371,7 @@ def _image_seed(seed: int, split: str, index: int, n: int, stream: int) -> list[
 def _render_job(job: tuple) -> None:
   a, facing, image_size, seed, path = job
   img = render(a, facing, image_size, seed)
-  img.save(path, format='PNG', compress_level=6)
+  img.save(path, format='PNG', compress_level=1)  # lossless either way; 1 encodes fastest
 
 
 def _file_path(split: str, pid: int, n: int, num_ids: int, images_per_id: int) -> str:
