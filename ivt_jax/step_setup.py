@@ -1,6 +1,6 @@
 """The jitted training step with the shardings of training, for a config and a batch size, compiled once per
-process; and random batches of the input pipeline's shapes. Used by the benchmarks and the export checks (nothing
-here reads data or files).
+process; the abstract shapes of a training batch (train.py compiles its step from them while it initializes);
+and random batches of those shapes for the benchmarks and the export checks (nothing here reads data or files).
 """
 import concurrent.futures
 import functools

@@ -6,6 +6,7 @@ parameters by validation R@1 (never selecting on test), then evaluates those on 
 <workdir>/metrics.json, the metric writer's scalars and <workdir>/retrieval.png. Restarting the same command
 resumes from the latest checkpoint.
 """
+import concurrent.futures
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from ivt_jax import optim
 from ivt_jax import prefetch
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
+from ivt_jax import step_setup
 
 
 class NonFiniteError(FloatingPointError):
@@ -65,6 +67,18 @@ def _resolve_data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_c
   if config.data.synthetic.enabled and not config.data.manual_dir:
     config.data.manual_dir = os.path.join(workdir, 'synthpedes')
   return config
+
+
+def _compile_in_background(train_step, abstract_state, config, global_batch: int, mesh):
+  """-> a future of the compiled step for the pipeline's global batch (traced here, compiled in a thread)."""
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                    for k, (shape, dtype) in step_setup.batch_shapes(config, global_batch).items()}
+  lowered = train_step.lower(abstract_state, abstract_batch)
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
+  future = pool.submit(lowered.compile)
+  pool.shutdown(wait=False)
+  return future
 
 
 def _init_params(config, module, shardings, rng):
@@ -116,6 +130,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best_manager = checkpoints.params_manager(os.path.join(workdir, 'best'))
   target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
+                        steps_per_epoch=steps_per_epoch, text_lengths=shapes.level_text_lengths(config)),
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+  # XLA compiles the step in a thread while this one initializes or restores the state.
+  compiling = _compile_in_background(train_step, target, config, global_batch, mesh)
   restored = checkpoints.restore_training(manager, target, data_iter)
   if restored is None:
     params = _init_params(config, encoder, shardings, rng)
@@ -124,12 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state, meta = restored
     logging.info('resumed from step %d', int(state.step))
-
-  train_step = jax.jit(
-      functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
-                        steps_per_epoch=steps_per_epoch, text_lengths=shapes.level_text_lengths(config)),
-      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+  train_step = compiling.result()
   embed_args = (config, encoder, mesh, shardings, prepared, tokenizer)
   has_val = prepared.split_sizes.get('val', 0) > 0
 
