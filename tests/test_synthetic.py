@@ -147,7 +147,7 @@ def test_weighted_choice_draws_as_numpy_choice():
   options, weights = list('abcdefghijkl'), [3.0, 1.0, 0.5, 2.0, 1.0, 1.0, 4.0, 0.25, 1.0, 1.0, 2.0, 1.5]
   ours, numpys = np.random.default_rng(11), np.random.default_rng(11)
   p = np.asarray(weights) / np.sum(weights)
-  drawn = [synthetic._choice(ours, options, weights) for _ in range(2000)]
+  drawn = [synthetic.weighted_choice(ours, options, weights) for _ in range(2000)]
   assert drawn == [options[int(numpys.choice(len(options), p=p))] for _ in range(2000)]
   assert len(set(drawn)) == len(options)
 

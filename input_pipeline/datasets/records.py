@@ -14,7 +14,7 @@ Layouts (`<manual_dir>` is the directory the user points `config.data.manual_dir
 
   cuhk_pedes  <manual_dir>/reid_raw.json   [{split, captions, file_path, id, ...}, ...]
               <manual_dir>/imgs/<file_path>            e.g. imgs/CUHK01/0363004.png
-              A SynthPEDES directory (input_pipeline/synthetic.py) has this layout too.
+              A SynthPEDES directory (input_pipeline/synthetic/) has this layout too.
   icfg_pedes  <manual_dir>/ICFG-PEDES.json (or ICFG_PEDES.json)  [{split, captions, file_path, id}, ...]
               <manual_dir>/imgs/<file_path>            e.g. imgs/test/0627/0627_010_05_0303afternoon_1591_0.jpg
   rstpreid    <manual_dir>/data_captions.json   [{id, img_path, captions, split}, ...]
@@ -121,7 +121,7 @@ FORMATS = {
         how_to_get=('CUHK-PEDES is given by its authors on request (Li et al., "Person Search with Natural '
                     'Language Description", CVPR 2017; see github.com/ShuangLI59/'
                     'Person-Search-with-Natural-Language-Description). A SynthPEDES directory written by '
-                    'input_pipeline/synthetic.py has the same layout (config.data.synthetic.enabled=True '
+                    'input_pipeline/synthetic/ has the same layout (config.data.synthetic.enabled=True '
                     'writes one).')),
     'icfg_pedes': SourceFormat(
         name='icfg_pedes', title='ICFG-PEDES', json_names=('ICFG-PEDES.json', 'ICFG_PEDES.json'),
