@@ -23,6 +23,9 @@ from scipy.special import erf
 from configs import base
 from ivt_jax import model
 from ivt_jax import pretrained
+from ivt_jax import weight_files
+from ivt_jax import weight_mapping
+from ivt_jax import weight_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIDE = r'cls_token,pos_embed,type_embed,patch_embed/.*,norm/.*,blocks_\d+/(norm1|norm2|attn|mlp_vis)/.*'
@@ -208,13 +211,13 @@ def test_prefix_and_container_variants(prefix, nested):
   c = _config()
   cfg = model.encoder_config(c)
   sd = _reference_state_dict(c)
-  bare = pretrained.convert_ivt(sd, cfg).arrays
+  bare = weight_mapping.convert_ivt(sd, cfg).arrays
   variant = {prefix + k: v for k, v in sd.items()}
   if prefix.endswith('encoder_vl.'):
     variant['temp'] = np.float32([0.07])
   obj = variant if nested is None else {nested: variant, 'epoch': np.int64(3), 'optimizer': {'lr': np.float32(1)}}
-  state_dict, notes = pretrained.select_state_dict(obj)
-  got = pretrained.convert_ivt(state_dict, cfg).arrays
+  state_dict, notes = weight_files.select_state_dict(obj)
+  got = weight_mapping.convert_ivt(state_dict, cfg).arrays
   assert got.keys() == bare.keys()
   for k in bare:
     np.testing.assert_array_equal(got[k], bare[k])
@@ -227,7 +230,7 @@ def test_prefix_and_container_variants(prefix, nested):
 
 def test_select_state_dict_names_what_it_found():
   with pytest.raises(ValueError, match='config.init.ivt x.pth: no state_dict'):
-    pretrained.select_state_dict({'epoch': 3, 'optimizer': {}}, what='config.init.ivt x.pth')
+    weight_files.select_state_dict({'epoch': 3, 'optimizer': {}}, what='config.init.ivt x.pth')
 
 
 def test_torch_file_needs_torch_and_says_so(tmp_path, monkeypatch):
@@ -235,7 +238,7 @@ def test_torch_file_needs_torch_and_says_so(tmp_path, monkeypatch):
   path.write_bytes(b'not read')
   monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(ImportError, match=r'config.init.ivt: .*ivt.pth is a PyTorch file; reading it needs torch'):
-    pretrained.read_arrays(str(path), 'config.init.ivt')
+    weight_files.read_arrays(str(path), 'config.init.ivt')
 
 
 def test_torch_file_as_the_reference_saves_it(tmp_path):
@@ -248,10 +251,10 @@ def test_torch_file_as_the_reference_saves_it(tmp_path):
           'best_acc': np.float64(61.5)}
   path = str(tmp_path / 'checkpoint_best.pth')
   torch.save(ckpt, path, _use_new_zipfile_serialization=False)
-  arrays, notes = pretrained.read_arrays(path, 'config.init.ivt')
+  arrays, notes = weight_files.read_arrays(path, 'config.init.ivt')
   assert "read the 'state_dict' entry" in notes[0] and 'best_acc' in notes[0]
-  got = pretrained.convert_ivt(arrays, model.encoder_config(c)).arrays
-  want = pretrained.convert_ivt(sd, model.encoder_config(c)).arrays
+  got = weight_mapping.convert_ivt(arrays, model.encoder_config(c)).arrays
+  want = weight_mapping.convert_ivt(sd, model.encoder_config(c)).arrays
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
 
@@ -270,7 +273,7 @@ def test_strict_errors_list_every_problem(tmp_path):
   path = str(tmp_path / 'bad.safetensors')
   save_file(sd, path)
   c.init.ivt = path
-  with pytest.raises(pretrained.WeightMappingError) as info:
+  with pytest.raises(weight_report.WeightMappingError) as info:
     pretrained.load_pretrained(c, _fresh(c))
   msg = str(info.value)
   for needle in ("unexpected key: 'encoder_vl.blocks.0.attn.extra.weight'",
@@ -282,8 +285,8 @@ def test_strict_errors_list_every_problem(tmp_path):
                  "blocks_1/attn/proj/bias (64,) (config.init.ivt lacks 'blocks.1.attn.proj.bias')", path):
     assert needle in msg, needle
   # The pure converter raises on its own problems too.
-  with pytest.raises(pretrained.WeightMappingError, match='4 problems'):
-    pretrained.convert_ivt(sd, model.encoder_config(c))
+  with pytest.raises(weight_report.WeightMappingError, match='4 problems'):
+    weight_mapping.convert_ivt(sd, model.encoder_config(c))
 
 
 def test_allow_random(tmp_path):
@@ -293,7 +296,7 @@ def test_allow_random(tmp_path):
   save_file(sd, path)
   c.init.ivt = path
   fresh = _fresh(c)
-  with pytest.raises(pretrained.WeightMappingError, match=r"blocks_1/mlp_txt/fc1/kernel \(64, 128\) \(config.init.ivt "
+  with pytest.raises(weight_report.WeightMappingError, match=r"blocks_1/mlp_txt/fc1/kernel \(64, 128\) \(config.init.ivt "
                                                           r"lacks 'blocks.1.mlp_txt.fc1.weight'\)"):
     pretrained.load_pretrained(c, fresh)
   c.init.allow_random = r'blocks_1/mlp_txt/.*, blocks_\d+/mlp_vis/fc1/bias'
@@ -309,7 +312,7 @@ def test_allow_random(tmp_path):
   assert "left random (4 arrays) as allowed by config.init.allow_random pattern 'blocks_1/mlp_txt/.*'" in text
 
   c.init.allow_random = 'blocks_1/mlp_txt/.*,block_1/mlp_vis/.*'
-  with pytest.raises(pretrained.WeightMappingError, match=r"match no parameter path: \['block_1/mlp_vis/.\*'\]"):
+  with pytest.raises(weight_report.WeightMappingError, match=r"match no parameter path: \['block_1/mlp_vis/.\*'\]"):
     pretrained.load_pretrained(c, fresh)
   c.init.allow_random = 'blocks_1/(mlp_txt'
   with pytest.raises(ValueError, match='config.init.allow_random:.*not a valid regular expression'):
@@ -427,27 +430,27 @@ def test_vit_npz_maps_and_resizes_like_the_reference(tmp_path):
     rest = k.split('/', 2)[2]
     scanned['Transformer/encoderblock/' + rest] = np.stack([z[f'Transformer/encoderblock_{i}/{rest}']
                                                             for i in range(c.model.depth)])
-  got = pretrained.convert_vit(scanned, model.encoder_config(c)).arrays
+  got = weight_mapping.convert_vit(scanned, model.encoder_config(c)).arrays
   for k, v in got.items():
     np.testing.assert_array_equal(v, flat[k])
 
 
 def test_vit_npz_with_other_heads_is_an_error():
   c = _config(num_heads=8)
-  with pytest.raises(pretrained.WeightMappingError, match=r'model.width 64 and model.num_heads 8'):
-    pretrained.convert_vit(_vit_npz(_config(), heads=4), model.encoder_config(c))
+  with pytest.raises(weight_report.WeightMappingError, match=r'model.width 64 and model.num_heads 8'):
+    weight_mapping.convert_vit(_vit_npz(_config(), heads=4), model.encoder_config(c))
 
 
 def test_resize_matches_numpy_transcription_for_reference_sizes():
   rng = np.random.default_rng(0)
   posemb = rng.standard_normal((1, 197, 8)).astype(np.float32)
   for grid in ((31, 10), (24, 8), (14, 14), (3, 20)):
-    got = pretrained.resize_pos_embed(posemb, grid)
+    got = weight_mapping.resize_pos_embed(posemb, grid)
     want = _bilinear_loop(posemb[0, 1:].reshape(14, 14, -1).astype(np.float64), *grid).reshape(-1, 8)
     np.testing.assert_array_equal(got[0, 0], posemb[0, 0])
     np.testing.assert_allclose(got[0, 1:], want, atol=1e-6, rtol=0)
   # Not a low-pass filtered resize: downsampling 14 -> 10 columns takes two taps per output.
-  m = pretrained.bilinear_matrix(14, 10)
+  m = weight_mapping.bilinear_matrix(14, 10)
   assert (np.count_nonzero(m, axis=1) <= 2).all() and np.allclose(m.sum(1), 1.0)
 
 
@@ -456,7 +459,7 @@ def test_resize_matches_torch_interpolate():
   rng = np.random.default_rng(1)
   posemb = rng.standard_normal((1, 197, 16)).astype(np.float32)
   for grid in ((31, 10), (24, 8), (5, 2), (20, 3)):
-    ours = pretrained.resize_pos_embed(posemb, grid)
+    ours = weight_mapping.resize_pos_embed(posemb, grid)
     g = torch.from_numpy(posemb[0, 1:]).reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     ref = torch.nn.functional.interpolate(g, size=grid, mode='bilinear').permute(0, 2, 3, 1).reshape(-1, 16)
     np.testing.assert_allclose(ours[0, 1:], ref.numpy(), atol=5e-6, rtol=0)  # float32 rounding of the sums
@@ -511,7 +514,7 @@ def test_bert_with_fewer_layers_needs_allow_random():
   c.init.bert = path
   c.init.allow_random = IMAGE_SIDE
   fresh = _fresh(c)
-  with pytest.raises(pretrained.WeightMappingError) as info:
+  with pytest.raises(weight_report.WeightMappingError) as info:
     pretrained.load_pretrained(c, fresh)
   msg = str(info.value)
   assert 'missing (4)' in msg
@@ -542,19 +545,19 @@ def test_bert_prefix_gamma_beta_and_deeper_bert():
   c = _config()
   cfg = model.encoder_config(c)
   sd = _bert_state_dict(c, 2)
-  plain = pretrained.convert_bert(sd, cfg).arrays
+  plain = weight_mapping.convert_bert(sd, cfg).arrays
   hf = {'bert.' + k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias', 'LayerNorm.beta'): v
         for k, v in sd.items()}
   hf['cls.predictions.bias'] = np.zeros(c.model.vocab_size, np.float32)
-  converted = pretrained.convert_bert(hf, cfg)
+  converted = weight_mapping.convert_bert(hf, cfg)
   assert converted.arrays.keys() == plain.keys()
   for k in plain:
     np.testing.assert_array_equal(converted.arrays[k], plain[k])
   np.testing.assert_array_equal(plain['embeddings/LayerNorm/scale'], sd['embeddings.LayerNorm.weight'])
   assert converted.ignored['cls.predictions.bias'] == 'BERT pretraining heads'
-  with pytest.raises(pretrained.WeightMappingError, match=r"'encoder.layer.2.intermediate.dense.weight' \(128, 64\) "
+  with pytest.raises(weight_report.WeightMappingError, match=r"'encoder.layer.2.intermediate.dense.weight' \(128, 64\) "
                                                           r'\(layer 2: the model has model.depth=2'):
-    pretrained.convert_bert(_bert_state_dict(c, 3), cfg)
+    weight_mapping.convert_bert(_bert_state_dict(c, 3), cfg)
 
 
 # ---- composing ViT, BERT, IVT ---------------------------------------------------------------------------

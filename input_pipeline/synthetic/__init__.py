@@ -37,3 +37,10 @@ from input_pipeline.synthetic.identities import (
 from input_pipeline.synthetic.captions import caption, captions_for_image, colour_words, processed_tokens
 from input_pipeline.synthetic.scene import render, sample_view
 from input_pipeline.synthetic.writer import generate, is_complete, load_identities, main
+
+__all__ = [
+    'COLOURS', 'DEFAULT_IMAGE_SIZE', 'GROUPS', 'JSON_FILE', 'MIN_IMAGE_SIZE', 'PARAMS_FILE', 'SPLITS', 'VERSION',
+    'attribute_diff', 'check_identity', 'described_key', 'make_identities', 'split_sizes', 'weighted_choice',
+    'caption', 'captions_for_image', 'colour_words', 'processed_tokens', 'render', 'sample_view', 'generate',
+    'is_complete', 'load_identities', 'main',
+]

@@ -37,6 +37,7 @@ from ivt_jax import checkpoints
 from ivt_jax import heads
 from ivt_jax import model as model_lib
 from ivt_jax import pretrained
+from ivt_jax import weight_report
 
 FLAGS = flags.FLAGS
 
@@ -63,7 +64,7 @@ def resolve_vocab_size(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return config
 
 
-def convert(config: ml_collections.ConfigDict, out_dir: str, overwrite: bool = False) -> pretrained.LoadReport:
+def convert(config: ml_collections.ConfigDict, out_dir: str, overwrite: bool = False) -> weight_report.LoadReport:
   """Builds the model's parameters from `config`, loads config.init.*, writes <out_dir>/0/{params, meta}."""
   if not any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
     raise ValueError('nothing to convert: set config.init.vit_npz, config.init.bert and/or config.init.ivt')
