@@ -121,9 +121,10 @@ def merge(params: Any, converted: Sequence[weight_report.Converted], allow_rando
   if all_problems:
     raise weight_report.WeightMappingError('pretrained weights do not fit the model:', all_problems)
   used = {p for p in by_design if origin.get(p) == 'init'}
-  report = weight_report.LoadReport(files=files, origin={p: origin[p] for p in flat}, replaced=dict(replaced),
-                      by_design={p: by_design[p] for p in used}, allowed_random=allowed, ignored=ignored,
-                      notes=notes, sizes={p: int(np.prod(np.shape(v))) for p, v in flat.items()})
+  report = weight_report.LoadReport(
+      files=files, origin={p: origin[p] for p in flat}, replaced=dict(replaced),
+      by_design={p: by_design[p] for p in used}, allowed_random=allowed, ignored=ignored,
+      notes=notes, sizes={p: int(np.prod(np.shape(v))) for p, v in flat.items()})
   return traverse_util.unflatten_dict(flat, sep='/'), report
 
 
