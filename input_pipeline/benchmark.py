@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from input_pipeline import augment
 from input_pipeline import memory_source
 from input_pipeline import pipeline
+from input_pipeline import examples as examples_lib
 from input_pipeline import tokenizers
 
 
@@ -99,18 +100,18 @@ def profile(config, source, tokenizer, samples: int = 200) -> dict[str, float]:
     c2 = clock()
     resized = augment.resize_image(im, s.image_size, augment.TRAIN_RESAMPLE)
     c3 = clock()
-    augment.views_of(resized, s.image_size, rng, num_views=len(pipeline.LEVELS), pad=s.pad,
+    augment.views_of(resized, s.image_size, rng, num_views=len(examples_lib.LEVELS), pad=s.pad,
                      flip_prob=s.flip_prob, erase_prob=s.erase_prob)
     c4 = clock()
     # pylint: disable=protected-access
-    texts = pipeline.level_texts(pipeline._captions(record, i)[0],
-                                 pipeline._json_list(record, 'phrases', 0, i),
-                                 pipeline._json_list(record, 'attributes', 0, i), rng, s.max_attrs)
+    texts = pipeline.level_texts(examples_lib.record_captions(record, i)[0],
+                                 examples_lib.record_json_list(record, 'phrases', 0, i),
+                                 examples_lib.record_json_list(record, 'attributes', 0, i), rng, s.max_attrs)
     # pylint: enable=protected-access
     c5 = clock()
     tokenizer.encode(list(texts), s.text_length)
     c6 = clock()
-    for _ in pipeline.LEVELS:
+    for _ in examples_lib.LEVELS:
       pipeline.bmm_keep(s.num_image_tokens, s.bmm_ratio, rng)
       pipeline.bmm_keep(s.text_length, s.bmm_ratio, rng)
     c7 = clock()
@@ -145,7 +146,7 @@ def main(argv):
       seconds = time.perf_counter() - start
       what = (f'in-memory SynthPEDES: {len(source)} {FLAGS.format.upper()} images '
               f'{hw[0]}x{hw[1]} ({size:.0f} KiB each), built in {seconds:.0f} s')
-    index = pipeline.TrainIndex.from_source(source, config.data.get('sample_unit', 'caption'))
+    index = examples_lib.TrainIndex.from_source(source, config.data.get('sample_unit', 'caption'))
     d = config.data
     print(f'source: {what}; tokenizer: {tokenizer!r}')
     print(f'config: image_size={tuple(d.image_size)} text_length={d.text_length} '

@@ -103,10 +103,10 @@ def build(config: ml_collections.ConfigDict, workdir: str):
 
 def run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer, split: str):
   """Embeds and scores one split -> (metrics, embeddings, similarity, source)."""
-  from input_pipeline import pipeline as pipeline_lib
+  from input_pipeline import eval_pipeline
   from input_pipeline import prepare as prepare_lib
   source = prepare_lib.open_split(prepared, split)
-  data = pipeline_lib.eval_batches(config, source, tokenizer, shard_index=jax.process_index(),
+  data = eval_pipeline.eval_batches(config, source, tokenizer, shard_index=jax.process_index(),
                                    shard_count=jax.process_count())
   emb = embed_split(params, Embedder(encoder, mesh, shardings), data)
   metrics, sim = evaluate_embeddings(emb)

@@ -83,7 +83,7 @@ def benchmark_loop(config: ml_collections.ConfigDict, steps: int, warmup: int, *
                    images_per_id: int = 4, image_format: str = 'png',
                    log: Callable[..., Any] = print) -> dict[str, Any]:
   """-> {'loop/...': figures}: step alone, pipeline alone, loop (prefetch) and loop in series, in steps/s."""
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  from input_pipeline import examples as examples_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   batch = int(config.data.ids_per_batch) * int(config.data.images_per_id)
   with tempfile.TemporaryDirectory() as tmpdir:
@@ -93,7 +93,7 @@ def benchmark_loop(config: ml_collections.ConfigDict, steps: int, warmup: int, *
     log(f'loop: in-memory SynthPEDES {len(source)} {image_format.upper()} images {hw[0]}x{hw[1]} '
         f'(drawn in {time.perf_counter() - t0:.1f}s), {tokenizer!r}, batch {batch} samples, '
         f'data.worker_count={config.data.worker_count}, data.prefetch={config.data.get("prefetch", 2)}')
-    index = pipeline.TrainIndex.from_source(source, config.data.get('sample_unit', 'caption'))
+    index = examples_lib.TrainIndex.from_source(source, config.data.get('sample_unit', 'caption'))
     setup, compiled, _ = step_setup.compile_train_step(config, batch)
     state = setup.init_state()
     data = sharding_lib.global_batch(

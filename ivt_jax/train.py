@@ -94,6 +94,7 @@ def _init_params(config, module, shardings, rng):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the experiment; returns the final metrics dict (also in <workdir>/metrics.json)."""
   from input_pipeline import pipeline as pipeline_lib
+  from input_pipeline import sampler as sampler_lib
   from input_pipeline import prepare as prepare_lib
 
   t_start = time.time()
@@ -105,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   train_source = prepare_lib.open_split(prepared, 'train')
-  steps_per_epoch = pipeline_lib.steps_per_epoch(config, train_source)
+  steps_per_epoch = sampler_lib.steps_per_epoch(config, train_source)
   total_steps = config.total_steps or config.num_epochs * steps_per_epoch
   eval_every = max(1, config.eval_every_epochs * steps_per_epoch)
   global_batch = config.data.ids_per_batch * config.data.images_per_id

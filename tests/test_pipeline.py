@@ -13,6 +13,9 @@ import pytest
 from configs import base
 from input_pipeline import augment
 from input_pipeline import pipeline
+from input_pipeline import eval_pipeline
+from input_pipeline import examples as examples_lib
+from input_pipeline import sampler as sampler_lib
 
 COLORS = ['red', 'blue', 'green', 'black', 'white', 'grey', 'yellow', 'pink']
 # Units (captions) per identity: 1, 2, 3 or more than K, so that both sampler branches run.
@@ -198,23 +201,23 @@ def test_batch_shapes_and_dtypes():
 def test_steps_per_epoch_counts_reference_chunks():
   config = make_config()
   # Captions per identity: 4, 1, 8, 3, 3, 3, 9 -> max(n, 2) // 2 = 2, 1, 4, 1, 1, 1, 4 = 14 chunks.
-  assert pipeline.steps_per_epoch(config, SOURCE) == 14 // 3
-  index = pipeline.TrainIndex.from_source(SOURCE)
-  assert pipeline.steps_per_epoch(config, index) == 4
-  assert pipeline.steps_per_epoch(config, index.person_id) == 4
+  assert sampler_lib.steps_per_epoch(config, SOURCE) == 14 // 3
+  index = examples_lib.TrainIndex.from_source(SOURCE)
+  assert sampler_lib.steps_per_epoch(config, index) == 4
+  assert sampler_lib.steps_per_epoch(config, index.person_id) == 4
   config.data.sample_unit = 'image'  # images per identity: 2, 1, 4, 1, 2, 3, 5 -> 1+1+2+1+1+1+2
-  assert pipeline.steps_per_epoch(config, SOURCE) == 9 // 3
+  assert sampler_lib.steps_per_epoch(config, SOURCE) == 9 // 3
   with pytest.raises(ValueError, match='data.ids_per_batch'):
-    pipeline.steps_per_epoch(make_config(ids_per_batch=8), SOURCE)
+    sampler_lib.steps_per_epoch(make_config(ids_per_batch=8), SOURCE)
 
 
 def test_identity_sampler_epochs():
-  index = pipeline.TrainIndex.from_source(SOURCE)
-  sampler = pipeline.IdentitySampler(index.person_id, 3, 2, seed=1)
+  index = examples_lib.TrainIndex.from_source(SOURCE)
+  sampler = sampler_lib.IdentitySampler(index.person_id, 3, 2, seed=1)
   assert sampler.steps_per_epoch == 4
   plans = [sampler.epoch(e) for e in range(3)]
   assert not np.array_equal(plans[0], plans[1])
-  again = pipeline.IdentitySampler(index.person_id, 3, 2, seed=1).epoch(0)
+  again = sampler_lib.IdentitySampler(index.person_id, 3, 2, seed=1).epoch(0)
   np.testing.assert_array_equal(plans[0], again)
   for plan in plans:
     assert plan.shape == (4, 6)
@@ -404,7 +407,7 @@ def test_bad_records_and_config():
   bad = [dict(r) for r in SOURCE]
   bad[3] = {k: v for k, v in bad[3].items() if k != 'person_id'}
   with pytest.raises(ValueError, match=r"record 3 \(imgs/12/3.png\).*person_id"):
-    pipeline.steps_per_epoch(make_config(), bad)
+    sampler_lib.steps_per_epoch(make_config(), bad)
   bad = [dict(r) for r in SOURCE]
   bad[0]['phrases'] = bad[0]['phrases'][:1]
   it = pipeline.train_iterator(make_config(), bad, CharTokenizer(), seed=0, shard_index=0,
@@ -422,7 +425,7 @@ def test_bad_records_and_config():
 def test_eval_covers_everything_once(shard_count):
   config = make_config()
   tok = CharTokenizer()
-  streams = [pipeline.eval_batches(config, SOURCE, tok, shard_index=i, shard_count=shard_count)
+  streams = [eval_pipeline.eval_batches(config, SOURCE, tok, shard_index=i, shard_count=shard_count)
              for i in range(shard_count)]
   n_caps = sum(len(r['captions']) for r in SOURCE)
   gallery, queries = [], []

@@ -189,7 +189,8 @@ def section_retrieval(size: str, emit, args) -> None:
 
 def section_pipeline(size: str, emit, args) -> None:
   from input_pipeline import benchmark as input_benchmark  # pylint: disable=g-import-not-at-top
-  from input_pipeline import memory_source, pipeline  # pylint: disable=g-import-not-at-top
+  from input_pipeline import examples as examples_lib  # pylint: disable=g-import-not-at-top
+  from input_pipeline import memory_source  # pylint: disable=g-import-not-at-top
   s = _sizes(size)
   c = model_config(size, 12, 'float32', 'xla')
   if size == 'full':
@@ -202,7 +203,7 @@ def section_pipeline(size: str, emit, args) -> None:
                                             image_format='jpeg')
     tokenizer = memory_source.tokenizer_for(c, source, tmpdir)
     emit('pipeline/source_s', time.perf_counter() - t0)
-    index = pipeline.TrainIndex.from_source(source)
+    index = examples_lib.TrainIndex.from_source(source)
     rate, main_ms = input_benchmark.measure(c, source, tokenizer, workers, s['pipeline_batches'], 2, index)
   emit('pipeline/workers', workers)
   emit('pipeline/stored_image_hw', list(hw))
