@@ -82,20 +82,29 @@ def _launch(config, workdir: str, num_processes: int, cache_dir: str) -> list[st
       procs.append(subprocess.Popen(args + [f'--process_id={i}'], cwd=ROOT, env=env, stdout=f,
                                     stderr=subprocess.STDOUT))
   deadline = time.time() + TIMEOUT_S
+  timed_out = False
   try:
     while any(p.poll() is None for p in procs):
       # A failed process leaves the others waiting at a barrier: stop them all.
-      if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      if time.time() > deadline:
+        timed_out = True
         break
       time.sleep(0.5)
   finally:
+    stopped = [p.poll() is None for p in procs]
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
   texts = [open(log).read() for log in logs]
-  for i, (p, text) in enumerate(zip(procs, texts)):
-    assert p.returncode == 0, f'process {i} exited with {p.returncode}:\n{text[-4000:]}'
+  # The process that failed on its own first (the others were stopped here).
+  order = sorted(range(num_processes), key=lambda i: stopped[i])
+  for i in order:
+    why = (f'still running after {TIMEOUT_S} s, stopped' if timed_out and stopped[i]
+           else 'stopped after another process failed' if stopped[i] else f'exited with {procs[i].returncode}')
+    assert procs[i].returncode == 0, f'process {i} {why}:\n{texts[i][-4000:]}'
   return texts
 
 
