@@ -18,6 +18,9 @@ def get_config():
   c.data.synthetic.hard_negative_fraction = 0.25
   c.data.ids_per_batch = 8
   c.data.images_per_id = 2
+  c.data.image_size = (96, 32)        # the image and patch setup the part-head figures were measured with
+  c.model.patch_size = 8
+  c.model.stride = 8
   c.model.head = 'part'
   c.model.width = 64
   c.model.depth = 2
