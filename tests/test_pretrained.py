@@ -3,6 +3,8 @@
 Weights are built here with the reference's key names and shapes (PyTorch layouts, the Google ViT .npz layout),
 and the expected embeddings come from a plain numpy forward pass of the reference math written below, so the
 mapping is checked against an independent transcription rather than against itself.
+Over 500 lines for one subject: that numpy transcription of the reference forward pass (about 100 lines)
+lives here beside the loaders it checks.
 """
 import functools
 import importlib.util
