@@ -99,7 +99,9 @@ def analytic_train_flops(config: ml_collections.ConfigDict, batch: int) -> float
   """Matrix-product FLOPs of one training step for `batch` samples (3 pairs each), forward + backward.
 
   Per sequence of n tokens and layer: qkv 6nD^2, scores and values 4n^2D, projection 2nD^2, MLP 4nDM
-  (multiply-add = 2 FLOPs); tokens dropped by BMM are masked, not removed, so n is the full length. The patch
+  (multiply-add = 2 FLOPs); the last layer computes the CLS query alone (the embedding uses nothing else):
+  keys and values 4nD^2, the query 2D^2, scores and values 4nD, projection 2D^2, MLP 4DM. Tokens dropped by
+  BMM are masked, not removed, so n is the full length. The patch
   convolution counts 2 (P^2 3) D per patch. Backward = 2x forward (gradients of activations and weights),
   except the patch convolution, whose input (the image) needs no gradient: 1x. The CMPM similarity
   (3B x 3B x D) is included; elementwise operations, norms and the optimizer are not. Each MLA level's text
@@ -108,7 +110,9 @@ def analytic_train_flops(config: ml_collections.ConfigDict, batch: int) -> float
   enc = model_lib.encoder_config(config)
   d, m, depth = enc.width, enc.mlp_dim, enc.depth
   def transformer(n):
-    return depth * (n * (8 * d * d + 4 * d * m) + 4 * n * n * d)
+    full = n * (8 * d * d + 4 * d * m) + 4 * n * n * d
+    cls_only = 4 * n * d * d + 4 * d * d + 4 * n * d + 4 * d * m
+    return (depth - 1) * full + cls_only
   n_img = enc.num_image_tokens
   patches = n_img - 1
   patch_fwd = 2 * patches * enc.patch_size ** 2 * 3 * d
