@@ -28,7 +28,9 @@ def _commands(text: str) -> list[str]:
       line = line.strip()
       if line and not line.startswith('#'):
         out.extend(part.strip() for part in line.split('&&'))
-  for span in re.findall(r'`([^`\n]+)`', text):
+  prose = re.sub(r'```.*?```', '', text, flags=re.S)
+  for span in re.findall(r'`([^`]+)`', prose):
+    span = ' '.join(span.split())  # a span may wrap across lines
     if re.match(r'(\.venv/bin/)?python3? -m |bash ', span):
       out.extend(part.strip() for part in span.split('&&'))
   return out
