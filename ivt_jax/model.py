@@ -197,7 +197,7 @@ class Attention(nn.Module):
 
     -> (B, N, D), or (B, 1, D) with `cls_only`: the CLS query alone (every token still a key and value).
     """
-    b, n, d = x.shape
+    b, _, d = x.shape
     h = self.num_heads
     init = nn.initializers.truncated_normal(stddev=self.init_std)
     q, k, v = QKV(d, self.dtype, self.init_std, name='qkv')(x, cls_only)

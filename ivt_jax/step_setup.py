@@ -32,6 +32,14 @@ def batch_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, tup
           'text_keep': ((batch, LEVELS, length), np.bool_), 'person_id': ((batch,), np.int32)}
 
 
+def abstract_batch(config: ml_collections.ConfigDict, batch: int,
+                   mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """`batch_shapes` as abstract arrays with the batch sharding over `mesh`: what the step is lowered for."""
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+          for k, (shape, dtype) in batch_shapes(config, batch).items()}
+
+
 def random_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """A global training batch of `batch` samples with the pipeline's shapes and dtypes (`batch_shapes`)."""
   enc = model_lib.encoder_config(config)
@@ -87,8 +95,7 @@ class TrainSetup:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_shardings)
     self.num_params = model_lib.count_params(abstract)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    self.abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                           for k, (shape, dtype) in batch_shapes(config, batch).items()}
+    self.abstract_batch = abstract_batch(config, batch, mesh)
     # As train.py: the state is donated, metrics come back replicated.
     self.step = jax.jit(
         functools.partial(step_lib.train_step, encoder=self.encoder, tx=self.tx, schedule=schedule,

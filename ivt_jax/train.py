@@ -71,10 +71,7 @@ def _resolve_data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_c
 
 def _compile_in_background(train_step, abstract_state, config, global_batch: int, mesh):
   """-> a future of the compiled step for the pipeline's global batch (traced here, compiled in a thread)."""
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                    for k, (shape, dtype) in step_setup.batch_shapes(config, global_batch).items()}
-  lowered = train_step.lower(abstract_state, abstract_batch)
+  lowered = train_step.lower(abstract_state, step_setup.abstract_batch(config, global_batch, mesh))
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
   future = pool.submit(lowered.compile)
   pool.shutdown(wait=False)
