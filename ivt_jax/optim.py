@@ -1,5 +1,5 @@
 """The Optax optimizer from the config: the reference recipe (SGD momentum, bias lr x2, weight decay, linear
-warmup then cosine, by step) and AdamW as an option; optional gradient clipping."""
+warmup then cosine, by step or, as the reference, by epoch) and AdamW as an option; optional gradient clipping."""
 import re
 
 import jax
@@ -8,23 +8,44 @@ import ml_collections
 import optax
 
 
+SCHEDULE_UNITS = ('step', 'epoch')
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
   """lr(step): linear from warmup_init_lr to lr over warmup_epochs, then cosine to min_lr at num_epochs.
 
-  As the reference's scheduler, the cosine phase is evaluated on the epoch counted from 0 (the warmup epochs
-  are part of the cosine's period), here at every step (fractional epochs) rather than once per epoch.
+  optim.schedule_unit = 'step' (the default): evaluated at every step on the fractional epoch
+  t = step / steps_per_epoch, counted from 0. As the reference's scheduler, the warmup epochs are part of the
+  cosine's period (the cosine phase starts at t = warmup_epochs, already below lr).
+
+  optim.schedule_unit = 'epoch': the reference's schedule exactly. It sets the lr once at the start of each epoch
+  with t = the 1-based epoch number (timm's CosineLRScheduler with t_in_epochs, stepped with `step(epoch)` for
+  epoch = 1..num_epochs, cycle_limit 1): t < warmup_epochs -> warmup_init_lr + t * (lr - warmup_init_lr) /
+  warmup_epochs; t < num_epochs -> min_lr + (lr - min_lr) (1 + cos(pi t / num_epochs)) / 2; from t = num_epochs
+  on (the cycle's end: the last epoch) -> min_lr. So the lr is constant within an epoch and the first epoch
+  already runs at the warmup value for t = 1.
   """
   o = config.optim
   total = float(config.num_epochs)
   warm = float(o.warmup_epochs)
+  unit = o.schedule_unit
+  if unit not in SCHEDULE_UNITS:
+    raise ValueError(f'optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}')
 
-  def schedule(step):
-    epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
-    warm_lr = o.warmup_init_lr + (o.lr - o.warmup_init_lr) * epoch / max(warm, 1e-9)
-    cos_lr = o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + jnp.cos(jnp.pi * jnp.minimum(epoch, total) / total))
-    return jnp.where(epoch < warm, warm_lr, cos_lr)
+  def cosine(t):
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + jnp.cos(jnp.pi * jnp.minimum(t, total) / total))
 
-  return schedule
+  def per_step(step):
+    t = jnp.asarray(step, jnp.float32) / steps_per_epoch
+    warm_lr = o.warmup_init_lr + (o.lr - o.warmup_init_lr) * t / max(warm, 1e-9)
+    return jnp.where(t < warm, warm_lr, cosine(t))
+
+  def per_epoch(step):
+    t = (jnp.asarray(step, jnp.int32) // steps_per_epoch + 1).astype(jnp.float32)
+    warm_lr = o.warmup_init_lr + (o.lr - o.warmup_init_lr) * t / max(warm, 1e-9)
+    return jnp.where(t < warm, warm_lr, jnp.where(t < total, cosine(t), o.min_lr))
+
+  return per_epoch if unit == 'epoch' else per_step
 
 
 def _path_names(tree):
