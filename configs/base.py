@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.flip_prob = 0.5
   c.data.augment.erase_prob = 0.5
   c.data.bmm_ratio = 0.2              # BMM: drop U{0..floor(ratio*N)} non-CLS tokens per modality
+  c.data.bmm_pattern = 'sample'       # sample: a pattern per sample, level and modality | batch: the reference's,
+                                      # one per batch for all image views and one for all texts
   c.data.word_level_max_attrs = 0     # 0 = random subset of any size >= 1
 
   # ---- model ------------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ Training (`train_iterator`)
   view over N_img = num_image_tokens(...) tokens and per text over its level's L_l positions (padding
   included, as the reference; L_l = data.text_length, data.phrase_text_length, data.word_text_length,
   see input_pipeline.shapes.level_text_lengths): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped,
-  position 0 (CLS) is always kept; drawn independently per sample, level and modality (the
-  reference draws one pattern per forward for the whole batch).
+  position 0 (CLS) is always kept. data.bmm_pattern = 'sample' draws them independently per sample, level and
+  modality; 'batch' is the reference's: one pattern for every image view of this process's batch (N = the image
+  tokens) and one for every text (N = the batch's longest text, [CLS] and [SEP] included: the reference pads
+  to the longest and counts the padding), drawn per batch (`_BatchKeep`; with several processes each draws
+  its own, as each GPU of the reference's DDP does).
   Batch (B = P K / shard_count samples on this process):
     images (B, 3, H, W, 3) uint8, text_ids (B, 3, L) int32, text_mask (B, 3, L) int32,
     image_keep (B, 3, N_img) bool, text_keep (B, 3, L) bool, person_id (B,) int32;
@@ -63,6 +66,9 @@ def level_texts(caption: str, phrases: Sequence[str], attributes: Sequence[str],
           text.sample_word_level(texts, rng, max_attributes=max_attrs))
 
 
+BMM_PATTERNS = ('sample', 'batch')
+
+
 def bmm_keep(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
   """BMM keep mask (n,) bool: U{0..int(ratio n)} of positions 1..n-1 dropped, CLS kept."""
   keep = np.ones(n, bool)
@@ -97,6 +103,7 @@ class _Settings:
   erase_prob: float
   bmm_ratio: float
   max_attrs: int
+  bmm_pattern: str = 'sample'
 
   @classmethod
   def from_config(cls, config) -> '_Settings':
@@ -113,10 +120,12 @@ class _Settings:
         raise ValueError(f'data.augment.{key} must be in [0, 1], got {d.augment[key]}')
     if int(d.augment.pad) < 0:
       raise ValueError(f'data.augment.pad must be >= 0, got {d.augment.pad}')
+    if d.bmm_pattern not in BMM_PATTERNS:
+      raise ValueError(f'data.bmm_pattern must be one of {BMM_PATTERNS}, got {d.bmm_pattern!r}')
     return cls(size, int(d.text_length), level_text_lengths(config),
                num_image_tokens(size, int(m.patch_size), int(m.stride)),
                int(d.augment.pad), float(d.augment.flip_prob), float(d.augment.erase_prob),
-               float(d.bmm_ratio), int(d.word_level_max_attrs))
+               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern))
 
 
 class _TrainSample(grain.transforms.RandomMap):
@@ -141,12 +150,34 @@ class _TrainSample(grain.transforms.RandomMap):
     texts = level_texts(captions[cap], examples.record_json_list(record, 'phrases', cap, index),
                       examples.record_json_list(record, 'attributes', cap, index), rng, s.max_attrs)
     ids, mask = _encode_levels(self._tokenizer, texts, s.level_lengths, s.text_length)
-    image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng) for _ in examples.LEVELS])
     text_keep = np.ones((len(examples.LEVELS), s.text_length), bool)
-    for level, n in enumerate(s.level_lengths):
-      text_keep[level, :n] = bmm_keep(n, s.bmm_ratio, rng)
+    if s.bmm_pattern == 'batch':  # drawn for the whole batch by _BatchKeep
+      image_keep = np.ones((len(examples.LEVELS), s.num_image_tokens), bool)
+    else:
+      image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng) for _ in examples.LEVELS])
+      for level, n in enumerate(s.level_lengths):
+        text_keep[level, :n] = bmm_keep(n, s.bmm_ratio, rng)
     return dict(images=images, text_ids=ids, text_mask=mask, image_keep=image_keep,
                 text_keep=text_keep, person_id=np.int32(examples.record_person_id(record, index)))
+
+
+class _BatchKeep:
+  """(batch number, batch) -> the batch with one BMM pattern for all its image views and one for all its texts
+  (data.bmm_pattern = 'batch'), drawn from (seed, batch number): the same whatever the worker count."""
+  STREAM = 0xB33  # keeps these draws apart from the per-sample streams
+
+  def __init__(self, settings: _Settings, seed: int):
+    self._s, self._seed = settings, int(seed)
+
+  def __call__(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    s = self._s
+    rng = np.random.default_rng([self._seed, self.STREAM, int(index)])
+    image_keep = bmm_keep(s.num_image_tokens, s.bmm_ratio, rng)
+    longest = max(2, int(batch['text_mask'].sum(axis=-1).max()))
+    text_keep = np.ones(s.text_length, bool)
+    text_keep[:longest] = bmm_keep(longest, s.bmm_ratio, rng)
+    return {**batch, 'image_keep': np.broadcast_to(image_keep, batch['image_keep'].shape).copy(),
+            'text_keep': np.broadcast_to(text_keep, batch['text_keep'].shape).copy()}
 
 
 class _EpochPlanDataset(grain.MapDataset):
@@ -259,7 +290,10 @@ def train_batches(config, source, tokenizer, *, seed: int, shard_index: int | No
   ds = _EpochPlanDataset(units, sampler)
   ds = ds.random_map(_TrainSample(source, tokenizer, settings), seed=int(seed))
   ds = _ShardRows(ds, p * k, shard_index, shard_count)
-  return ds.batch(p * k // shard_count, drop_remainder=True)
+  ds = ds.batch(p * k // shard_count, drop_remainder=True)
+  if settings.bmm_pattern == 'batch':
+    ds = ds.map_with_index(_BatchKeep(settings, seed))
+  return ds
 
 
 class TrainIterator(grain.DatasetIterator):

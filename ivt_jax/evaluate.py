@@ -1,9 +1,17 @@
 """Evaluation: embed a split's gallery (each image once) and queries (each caption once), rank, metrics.
 
   python -m ivt_jax.evaluate --config=configs/cuhk.py --checkpoint=DIR [--split=test] [--workdir=DIR]
+      [--protocol=standard|reference]
 
 DIR is a training workdir (its best-by-validation parameters, else its latest state), a best/ directory or
 what `ivt_jax.tools.convert` writes. Metrics are text-to-image, in percent (see ivt_jax.metrics).
+
+--protocol=standard (the default): every caption a query, every image of the split once in the gallery, R@k,
+non-interpolated mAP and mINP over the full ranking. --protocol=reference: the reference implementation's own
+test function, to compare with the paper's numbers to the decimal: the (image, caption) pairs in the split's
+order, every caption a query, the gallery made of the pairs' images as its R1_mAP classes pick them
+(`metrics.reference_gallery`: every second pair for CUHK-PEDES and RSTPReid, every pair for ICFG-PEDES,
+repeats included), its CMC and trapezoid mAP (`metrics.reference_metrics`).
 """
 import functools
 import json
@@ -81,9 +89,22 @@ def similarity(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:
   return np.asarray(jnp.asarray(text_emb) @ jnp.asarray(image_emb).T)
 
 
-def evaluate_embeddings(emb: dict) -> tuple[dict, np.ndarray]:
-  sim = similarity(emb['text_emb'], emb['image_emb'])
-  return metrics_lib.retrieval_metrics(sim, emb['text_pid'], emb['image_pid']), sim
+PROTOCOLS = ('standard', 'reference')
+
+
+def evaluate_embeddings(emb: dict, protocol: str = 'standard', dataset: str = '') -> tuple[dict, np.ndarray]:
+  """-> (metrics, similarity (Q, G) of the protocol's gallery). `dataset` (data.name) picks the reference's
+  gallery rule."""
+  if protocol == 'standard':
+    sim = similarity(emb['text_emb'], emb['image_emb'])
+    return metrics_lib.retrieval_metrics(sim, emb['text_pid'], emb['image_pid']), sim
+  if protocol != 'reference':
+    raise ValueError(f'protocol must be one of {PROTOCOLS}, got {protocol!r}')
+  # Gallery entries are image records; the pair images are the queries' records, in caption order.
+  position = np.searchsorted(emb['image_index'], emb['text_image_index'])
+  gallery = metrics_lib.reference_gallery(position, dataset)
+  sim = similarity(emb['text_emb'], emb['image_emb'][gallery])
+  return metrics_lib.reference_metrics(sim, emb['text_pid'], emb['image_pid'][gallery]), sim
 
 
 def build(config: ml_collections.ConfigDict, workdir: str):
@@ -101,7 +122,8 @@ def build(config: ml_collections.ConfigDict, workdir: str):
   return config, prepared, tokenizer, encoder, mesh, abstract, shardings
 
 
-def run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer, split: str):
+def run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer, split: str,
+                   protocol: str = 'standard'):
   """Embeds and scores one split -> (metrics, embeddings, similarity, source)."""
   from input_pipeline import eval_pipeline
   from input_pipeline import prepare as prepare_lib
@@ -109,7 +131,7 @@ def run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer
   data = eval_pipeline.eval_batches(config, source, tokenizer, shard_index=jax.process_index(),
                                    shard_count=jax.process_count())
   emb = embed_split(params, Embedder(encoder, mesh, shardings), data)
-  metrics, sim = evaluate_embeddings(emb)
+  metrics, sim = evaluate_embeddings(emb, protocol, config.data.name)
   return metrics, emb, sim, source
 
 
@@ -120,17 +142,21 @@ def main(argv):
   del argv
   from ivt_jax import checkpoints
   config = FLAGS.config
+  if FLAGS.protocol == 'reference' and config.data.name not in metrics_lib.REFERENCE_GALLERY_STEP:
+    raise app.UsageError(f'--protocol=reference knows the datasets {sorted(metrics_lib.REFERENCE_GALLERY_STEP)}, '
+                         f'not data.name={config.data.name!r}')
   workdir = FLAGS.workdir or FLAGS.checkpoint
   config, prepared, tokenizer, encoder, mesh, abstract, shardings = build(config, workdir)
   params, meta = checkpoints.restore_params(FLAGS.checkpoint, abstract, shardings)
   metrics, emb, sim, source = run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer,
-                                             FLAGS.split)
+                                             FLAGS.split, FLAGS.protocol)
   line = ' '.join(f'{k}={v:.2f}' for k, v in metrics.items())
-  logging.info('%s (%d queries, %d images): %s', FLAGS.split, len(emb['text_pid']), len(emb['image_pid']), line)
-  print(f'{FLAGS.split}: {line}')
+  logging.info('%s, %s protocol (%d queries, %d gallery entries): %s', FLAGS.split, FLAGS.protocol,
+               sim.shape[0], sim.shape[1], line)
+  print(f'{FLAGS.split} ({FLAGS.protocol} protocol): {line}')
   if FLAGS.output and jax.process_index() == 0:
     with open(FLAGS.output, 'w') as f:
-      json.dump({'split': FLAGS.split, 'checkpoint': meta, **metrics}, f, indent=2)
+      json.dump({'split': FLAGS.split, 'protocol': FLAGS.protocol, 'checkpoint': meta, **metrics}, f, indent=2)
 
 
 if __name__ == '__main__':
@@ -139,5 +165,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('split', 'test', 'Split to evaluate: train | val | test.')
   flags.DEFINE_string('workdir', '', 'Where prepared data lives (default: the checkpoint directory).')
   flags.DEFINE_string('output', '', 'Optional JSON file for the metrics.')
+  flags.DEFINE_enum('protocol', 'standard', list(PROTOCOLS), 'standard: every image once, R@k/mAP/mINP; '
+                    "reference: the reference implementation's gallery selection and trapezoid mAP.")
   flags.mark_flags_as_required(['config', 'checkpoint'])
   app.run(main)

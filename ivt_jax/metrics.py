@@ -72,3 +72,53 @@ def retrieval_metrics(similarity, query_ids, gallery_ids, chunk_size: Optional[i
     inp_sum += float((counts / last).sum())
   return {'r1': 100.0 * hits[1] / q, 'r5': 100.0 * hits[5] / q, 'r10': 100.0 * hits[10] / q,
           'mAP': 100.0 * ap_sum / q, 'mINP': 100.0 * inp_sum / q}
+
+
+# ---- the reference implementation's own protocol ---------------------------------------------------------------
+
+# Which of the per-caption image features the reference's test function keeps as its gallery, by dataset:
+# R1_mAP_CUHK (CUHK-PEDES, RSTPReid) takes every second one (`feats[::2]`, which assumes exactly two captions per
+# image), R1_mAP_ICFG (ICFG-PEDES) every one (an image appears once per caption).
+REFERENCE_GALLERY_STEP = {'cuhk_pedes': 2, 'rstpreid': 2, 'icfg_pedes': 1}
+
+
+def reference_gallery(pair_images: np.ndarray, dataset: str) -> np.ndarray:
+  """pair_images: (Q,) the image of each (image, caption) pair in the test list's order -> the images of the
+  reference's gallery (with its repeats and omissions when an image does not have exactly two captions)."""
+  if dataset not in REFERENCE_GALLERY_STEP:
+    raise ValueError(f'the reference protocol knows {sorted(REFERENCE_GALLERY_STEP)}, not {dataset!r}')
+  return np.asarray(pair_images)[::REFERENCE_GALLERY_STEP[dataset]]
+
+
+def reference_metrics(similarity, query_ids, gallery_ids) -> dict:
+  """The reference's R1_mAP.compute_metric_sim: -> {'r1', 'r5', 'r10', 'mAP'} in percent.
+
+  Per query the gallery is ranked by `np.argsort(score)[::-1]`; with the positives at (0-based) ranks
+  r_0 < r_1 < ... < r_(n-1): CMC[k] = [r_0 <= k], and the trapezoid average precision
+    AP = sum_i (1 / n) * (p_old_i + p_i) / 2,  p_i = (i + 1) / (r_i + 1),  p_old_i = i / r_i (1 when r_i = 0).
+  Both are averaged over every query (a query without a positive adds 0, as there).
+  """
+  similarity = np.asarray(similarity, np.float32)
+  query_ids = np.asarray(query_ids).reshape(-1)
+  gallery_ids = np.asarray(gallery_ids).reshape(-1)
+  if similarity.shape != (len(query_ids), len(gallery_ids)):
+    raise ValueError(f'similarity has shape {similarity.shape}, expected ({len(query_ids)}, {len(gallery_ids)})')
+  if not np.all(np.isfinite(similarity)):
+    raise ValueError(f'similarity has {int((~np.isfinite(similarity)).sum())} non-finite entries')
+  hits = {1: 0, 5: 0, 10: 0}
+  ap_sum = 0.0
+  for q in range(len(query_ids)):
+    order = np.argsort(similarity[q])[::-1]
+    rows_good = np.flatnonzero(gallery_ids[order] == query_ids[q])  # sorted 0-based ranks of the positives
+    n = len(rows_good)
+    if n == 0:
+      continue
+    for k in hits:
+      hits[k] += int(rows_good[0] < k)
+    i = np.arange(n)
+    precision = (i + 1) / (rows_good + 1)
+    old_precision = np.where(rows_good != 0, i / np.maximum(rows_good, 1), 1.0)
+    ap_sum += float(np.sum((old_precision + precision) / 2) / n)
+  q = max(len(query_ids), 1)
+  return {'r1': 100.0 * hits[1] / q, 'r5': 100.0 * hits[5] / q, 'r10': 100.0 * hits[10] / q,
+          'mAP': 100.0 * ap_sum / q}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ivt_jax.metrics import retrieval_metrics
+from ivt_jax.metrics import reference_gallery, reference_metrics, retrieval_metrics
 
 
 def naive(sim, qids, gids):
@@ -79,3 +79,52 @@ def test_bad_input():
     retrieval_metrics(np.zeros((2, 3)), np.array([1]), np.array([1, 2, 3]))
   with pytest.raises(ValueError, match='non-finite'):
     retrieval_metrics(np.array([[np.nan, 1, 2]]), np.array([1]), np.array([1, 2, 3]))
+
+
+def test_reference_protocol_hand_worked():
+  """The reference's trapezoid AP and CMC, worked by hand."""
+  gids = np.array([1, 2, 1, 3, 1])
+  # Query 0 (id 1): positives ranked 1st, 3rd and 5th (0-based ranks 0, 2, 4).
+  s0 = np.array([.9, .8, .7, .6, .5])
+  # Query 1 (id 3): its one positive ranked 2nd.
+  s1 = np.array([.9, .1, .2, .8, .3])
+  # Query 2 (id 7): no positive in the gallery: counts in the mean with 0.
+  s2 = np.array([.5, .4, .3, .2, .1])
+  m = reference_metrics(np.stack([s0, s1, s2]), np.array([1, 3, 7]), gids)
+  # Query 0: i = 0: (1 + 1/1)/2 = 1; i = 1: (1/2 + 2/3)/2; i = 2: (2/4 + 3/5)/2; each x 1/3.
+  ap0 = (1 + (1 / 2 + 2 / 3) / 2 + (2 / 4 + 3 / 5) / 2) / 3
+  ap1 = (0 / 1 + 1 / 2) / 2  # i = 0 at rank 1: p_old = 0 / 1, p = 1 / 2
+  assert m['mAP'] == pytest.approx(100 * (ap0 + ap1 + 0) / 3)
+  assert m['r1'] == pytest.approx(100 / 3)
+  assert m['r5'] == m['r10'] == pytest.approx(200 / 3)
+  # Its AP is not the standard one: query 0's standard AP is (1 + 2/3 + 3/5) / 3.
+  assert m['mAP'] != pytest.approx(retrieval_metrics(s0[None], [1], gids)['mAP'])
+
+
+def test_reference_gallery_is_every_second_pair_image_for_cuhk():
+  # Images 0..3 with 2, 3, 2 and 1 captions: the reference's feats[::2] keeps pairs 0, 2, 4, 6.
+  pairs = np.array([0, 0, 1, 1, 1, 2, 2, 3])
+  np.testing.assert_array_equal(reference_gallery(pairs, 'cuhk_pedes'), [0, 1, 1, 2])  # image 1 twice, 3 never
+  np.testing.assert_array_equal(reference_gallery(pairs, 'rstpreid'), [0, 1, 1, 2])
+  np.testing.assert_array_equal(reference_gallery(pairs, 'icfg_pedes'), pairs)
+  with pytest.raises(ValueError, match='reference protocol'):
+    reference_gallery(pairs, 'mnist')
+
+
+def test_evaluate_reference_protocol_builds_the_reference_gallery():
+  from ivt_jax import evaluate
+  rng = np.random.default_rng(0)
+  image_emb = rng.normal(size=(4, 8)).astype(np.float32)
+  text_emb = rng.normal(size=(8, 8)).astype(np.float32)
+  emb = {'image_emb': image_emb, 'image_pid': np.array([10, 11, 10, 12]), 'image_index': np.arange(4),
+         'text_emb': text_emb, 'text_pid': np.array([10, 10, 11, 11, 11, 10, 10, 12]),
+         'text_image_index': np.array([0, 0, 1, 1, 1, 2, 2, 3])}
+  m, sim = evaluate.evaluate_embeddings(emb, 'reference', 'cuhk_pedes')
+  gallery = [0, 1, 1, 2]  # pairs 0, 2, 4, 6
+  np.testing.assert_allclose(sim, text_emb @ image_emb[gallery].T, rtol=1e-6)
+  assert m == pytest.approx(reference_metrics(text_emb @ image_emb[gallery].T, emb['text_pid'],
+                                              emb['image_pid'][gallery]))
+  m_std, sim_std = evaluate.evaluate_embeddings(emb, 'standard')
+  assert sim_std.shape == (8, 4) and set(m_std) == {'r1', 'r5', 'r10', 'mAP', 'mINP'}
+  with pytest.raises(ValueError, match='protocol'):
+    evaluate.evaluate_embeddings(emb, 'paper')

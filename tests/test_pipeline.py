@@ -290,6 +290,39 @@ def test_bmm_keep_masks():
   assert counts == set(range(7))
 
 
+def test_batch_bmm_pattern_is_one_per_modality_per_batch_and_resumes():
+  """data.bmm_pattern='batch' (the reference's): every image view of a batch shares one keep pattern, every
+  text another, over the batch's longest text; drawn per batch, the same after a resume."""
+  config = make_config(bmm_pattern='batch')
+  it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=0, shard_index=0, shard_count=1)
+  batches = take(it, 8)
+  counts = set()
+  for b in batches:
+    image_rows = b['image_keep'].reshape(-1, N_IMG)
+    assert (image_rows == image_rows[0]).all() and image_rows[0, 0]
+    text_rows = b['text_keep'].reshape(-1, b['text_keep'].shape[-1])
+    assert (text_rows == text_rows[0]).all() and text_rows[0, 0]
+    longest = int(b['text_mask'].sum(-1).max())
+    assert text_rows[0, longest:].all()  # nothing past the batch's longest text is 'dropped'
+    assert (~text_rows[0]).sum() <= math.floor(0.2 * longest)
+    assert (~image_rows[0]).sum() <= math.floor(0.2 * N_IMG)
+    counts.add(int((~image_rows[0]).sum()))
+  assert len(counts) > 2  # a count drawn per batch
+  assert len({b['image_keep'][0, 0].tobytes() for b in batches}) > 2  # a pattern drawn per batch
+  # The rest of each sample (views, texts) is what 'sample' gives: the pattern draws come after them.
+  per_sample = take(pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=0, shard_index=0,
+                                            shard_count=1), 8)
+  for b, s in zip(batches, per_sample):
+    for key in ('images', 'text_ids', 'text_mask', 'person_id'):
+      np.testing.assert_array_equal(b[key], s[key])
+  resumed = pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=0, shard_index=0, shard_count=1)
+  resumed.set_state({**it.get_state(), 'next_batch': 5})
+  assert_batches_equal(take(resumed, 3), batches[5:])
+  with pytest.raises(ValueError, match='data.bmm_pattern'):
+    pipeline.train_iterator(make_config(bmm_pattern='step'), SOURCE, CharTokenizer(), seed=0, shard_index=0,
+                            shard_count=1)
+
+
 def test_level_text_lengths_cut_and_pad_each_level():
   config = make_config(phrase_text_length=20, word_text_length=12)
   it = pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=0, shard_index=0, shard_count=1)

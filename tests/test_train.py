@@ -38,6 +38,19 @@ def tiny_demo(data_root):
   return c
 
 
+def _flags(c):
+  """The command-line overrides that turn configs/demo.py into tiny_demo's config."""
+  d = c.data
+  pairs = {'data.manual_dir': d.manual_dir, 'data.data_dir': d.data_dir, 'data.image_size': '(32,16)',
+           'data.text_length': d.text_length, 'data.sentencepiece_vocab_size': d.sentencepiece_vocab_size,
+           'data.synthetic.num_ids': 24, 'data.synthetic.images_per_id': 2,
+           'data.synthetic.image_size': '(48,24)', 'data.synthetic.val_ids': 4, 'data.synthetic.test_ids': 6,
+           'eval_batch_size': c.eval_batch_size}
+  pairs.update({f'model.{k}': c.model[k] for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
+                                                    'stride')})
+  return [f'--config.{k}={v}' for k, v in pairs.items()]
+
+
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
   return str(tmp_path_factory.mktemp('data'))
@@ -74,6 +87,18 @@ def test_end_to_end_and_exact_resume(data_root, tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(full))
   step, params_full = _final_params(full)
   assert step == 6
+  # The evaluation program on the run's best parameters: the standard protocol gives the training's test
+  # figures; the reference's protocol (its gallery: every second (image, caption) pair's image) keeps each
+  # image once here, as every SynthPEDES image has two captions, so its R@k are the same.
+  for protocol in ('standard', 'reference'):
+    out = str(tmp_path / f'{protocol}.json')
+    subprocess.run([sys.executable, '-m', 'ivt_jax.evaluate', '--config=configs/demo.py', f'--checkpoint={full}',
+                    f'--protocol={protocol}', f'--output={out}', *_flags(c)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    got = json.load(open(out))
+    assert got['protocol'] == protocol
+    for k in ('r1', 'r5', 'r10'):
+      assert got[k] == pytest.approx(result['test'][k], abs=1e-6), (protocol, k)
   # Interrupted: 3 steps, then the same run continued to 6 from its checkpoint.
   half = str(tmp_path / 'half')
   c.total_steps = 3
