@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.bmm_pattern = 'sample'       # sample: a pattern per sample, level and modality | batch: the reference's,
                                       # one per batch for all image views and one for all texts
   c.data.word_level_max_attrs = 0     # 0 = random subset of any size >= 1
+  c.data.mla_levels = ('sentence', 'phrase', 'word')  # MLA levels trained on; ('sentence',) alone = no MLA
 
   # ---- model ------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()

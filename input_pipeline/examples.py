@@ -20,8 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
+from input_pipeline import shapes
 
-LEVELS = ('sentence', 'phrase', 'word')
+
+LEVELS = shapes.MLA_LEVELS
 SAMPLE_UNITS = ('caption', 'image')
 _SCAN_CHUNK = 1024
 

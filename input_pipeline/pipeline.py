@@ -7,7 +7,8 @@ Training (`train_iterator`)
   Identity-balanced batches of P = data.ids_per_batch identities x K = data.images_per_id units
   (input_pipeline.sampler).
   Each sample gives three views (independent augmentations, see augment.py) and three texts of
-  its caption, in this order along axis 1 (levels):
+  its caption, in this order along axis 1 (levels; data.mla_levels keeps a subset, in this order, with
+  one view each: ('sentence',) alone is training without MLA):
     0 sentence: the full caption;
     1 phrase:   one of its 'phrases' at random (the caption itself when it has none);
     2 word:     a random non-empty subset of its 'attributes', of uniformly drawn size in
@@ -24,8 +25,8 @@ Training (`train_iterator`)
   to the longest and counts the padding), drawn per batch (`_BatchKeep`; with several processes each draws
   its own, as each GPU of the reference's DDP does).
   Batch (B = P K / shard_count samples on this process):
-    images (B, 3, H, W, 3) uint8, text_ids (B, 3, L) int32, text_mask (B, 3, L) int32,
-    image_keep (B, 3, N_img) bool, text_keep (B, 3, L) bool, person_id (B,) int32;
+    images (B, V, H, W, 3) uint8, text_ids (B, V, L) int32, text_mask (B, V, L) int32,
+    image_keep (B, V, N_img) bool, text_keep (B, V, L) bool, person_id (B,) int32 (V = the levels, 3);
   L = data.text_length; level l's text is encoded (cut, [SEP] kept) to L_l positions and padded to L
   (pad ids, mask 0, keep True), so a shorter level costs the train step only L_l positions.
   Global batch g of the run is the same whatever the process or worker count: process i gets its
@@ -55,6 +56,7 @@ from input_pipeline import examples
 from input_pipeline import sampler as sampler_lib
 from input_pipeline import text
 from input_pipeline.shapes import level_text_lengths
+from input_pipeline.shapes import mla_levels
 from input_pipeline.shapes import num_image_tokens
 
 
@@ -96,7 +98,7 @@ def _encode_levels(tokenizer, texts: Sequence[str], lengths: Sequence[int], leng
 class _Settings:
   image_size: tuple[int, int]
   text_length: int
-  level_lengths: tuple[int, int, int]
+  level_lengths: tuple[int, ...]
   num_image_tokens: int
   pad: int
   flip_prob: float
@@ -104,6 +106,7 @@ class _Settings:
   bmm_ratio: float
   max_attrs: int
   bmm_pattern: str = 'sample'
+  levels: tuple[str, ...] = examples.LEVELS
 
   @classmethod
   def from_config(cls, config) -> '_Settings':
@@ -125,7 +128,7 @@ class _Settings:
     return cls(size, int(d.text_length), level_text_lengths(config),
                num_image_tokens(size, int(m.patch_size), int(m.stride)),
                int(d.augment.pad), float(d.augment.flip_prob), float(d.augment.erase_prob),
-               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern))
+               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), mla_levels(config))
 
 
 class _TrainSample(grain.transforms.RandomMap):
@@ -144,17 +147,19 @@ class _TrainSample(grain.transforms.RandomMap):
       cap = int(rng.integers(len(captions)))
     elif cap >= len(captions):
       raise ValueError(f'{name}: caption {cap} requested but it has {len(captions)}')
+    n_levels = len(s.levels)
     images = augment.train_views(examples.record_field(record, 'image', index), s.image_size, rng,
-                                 num_views=len(examples.LEVELS), pad=s.pad, flip_prob=s.flip_prob,
+                                 num_views=n_levels, pad=s.pad, flip_prob=s.flip_prob,
                                  erase_prob=s.erase_prob, name=name)
     texts = level_texts(captions[cap], examples.record_json_list(record, 'phrases', cap, index),
                       examples.record_json_list(record, 'attributes', cap, index), rng, s.max_attrs)
+    texts = [t for level, t in zip(examples.LEVELS, texts) if level in s.levels]
     ids, mask = _encode_levels(self._tokenizer, texts, s.level_lengths, s.text_length)
-    text_keep = np.ones((len(examples.LEVELS), s.text_length), bool)
+    text_keep = np.ones((n_levels, s.text_length), bool)
     if s.bmm_pattern == 'batch':  # drawn for the whole batch by _BatchKeep
-      image_keep = np.ones((len(examples.LEVELS), s.num_image_tokens), bool)
+      image_keep = np.ones((n_levels, s.num_image_tokens), bool)
     else:
-      image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng) for _ in examples.LEVELS])
+      image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng) for _ in s.levels])
       for level, n in enumerate(s.level_lengths):
         text_keep[level, :n] = bmm_keep(n, s.bmm_ratio, rng)
     return dict(images=images, text_ids=ids, text_mask=mask, image_keep=image_keep,

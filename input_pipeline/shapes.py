@@ -18,17 +18,39 @@ def num_image_tokens(image_size, patch_size: int, stride: int) -> int:
   return gh * gw + 1
 
 
-def level_text_lengths(config) -> tuple[int, int, int]:
-  """Token positions used by the (sentence, phrase, word) MLA texts at training time.
+MLA_LEVELS = ('sentence', 'phrase', 'word')
+_LENGTH_KEYS = {'phrase': 'phrase_text_length', 'word': 'word_text_length'}
+
+
+def mla_levels(config) -> tuple[str, ...]:
+  """The MLA levels trained on (data.mla_levels), in the batch's order along axis 1: a non-empty subset of
+  ('sentence', 'phrase', 'word'), kept in that order. ('sentence',) alone is training without MLA. On the
+  command line: --config.data.mla_levels=sentence,word (a tuple of names, or one comma-separated string)."""
+  levels = config.data.get('mla_levels', MLA_LEVELS)
+  levels = (levels,) if isinstance(levels, str) else tuple(levels)
+  levels = tuple(x.strip(' ()\'"') for item in levels for x in str(item).split(',') if x.strip(' ()\'"'))
+  unknown = [x for x in levels if x not in MLA_LEVELS]
+  if not levels or unknown or len(set(levels)) != len(levels):
+    raise ValueError(f'data.mla_levels must be a non-empty subset of {MLA_LEVELS} without repeats, got '
+                     f'{tuple(levels)}')
+  return tuple(x for x in MLA_LEVELS if x in levels)
+
+
+def level_text_lengths(config) -> tuple[int, ...]:
+  """Token positions used by the MLA texts of `mla_levels(config)` at training time, in that order.
 
   data.text_length for the sentence level (and every evaluation query); data.phrase_text_length and
   data.word_text_length for the shorter levels (0 = data.text_length; a larger value is cut to
-  data.text_length, so that lowering data.text_length alone stays valid). The batch stays (B, 3,
+  data.text_length, so that lowering data.text_length alone stays valid). The batch stays (B, levels,
   data.text_length); a level's positions past its own length are padding that the train step leaves out.
   """
   full = int(config.data.text_length)
-  lengths = [full]
-  for key in ('phrase_text_length', 'word_text_length'):
+  lengths = []
+  for level in mla_levels(config):
+    if level == 'sentence':
+      lengths.append(full)
+      continue
+    key = _LENGTH_KEYS[level]
     n = int(config.data.get(key, 0))
     if n != 0 and n < 2:
       raise ValueError(f'data.{key} must be 0 (= data.text_length) or at least 2, got {n}')

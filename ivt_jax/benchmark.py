@@ -44,10 +44,8 @@ from input_pipeline import shapes
 from ivt_jax import model as model_lib
 from ivt_jax import retrieval
 from ivt_jax import sharding as sharding_lib
-from ivt_jax import step as step_lib
 from ivt_jax import step_setup
 
-LEVELS = step_lib.LEVELS
 TARGET_QUERIES, TARGET_GALLERY = 10_000, 1_000_000
 
 # Peak dense matrix FLOP/s per device (no sparsity), from the vendors' data sheets. 'float32' is the rate of a
@@ -116,7 +114,7 @@ def analytic_train_flops(config: ml_collections.ConfigDict, batch: int) -> float
   n_img = enc.num_image_tokens
   patches = n_img - 1
   patch_fwd = 2 * patches * enc.patch_size ** 2 * 3 * d
-  pairs = LEVELS * batch
+  pairs = len(shapes.mla_levels(config)) * batch
   forward = batch * sum(transformer(n_img) + transformer(n) for n in shapes.level_text_lengths(config))
   cmpm = 2 * pairs * pairs * d
   return float(3 * (forward + cmpm) + 2 * pairs * patch_fwd)
@@ -176,7 +174,8 @@ def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, w
   setup, compiled, compile_s = step_setup.compile_train_step(config, batch)
   mesh = setup.mesh
   dev = jax.devices()[0]
-  log(f'training step: {batch} samples x {LEVELS} levels = {LEVELS * batch} pairs per step, '
+  levels = len(shapes.mla_levels(config))
+  log(f'training step: {batch} samples x {levels} levels = {levels * batch} pairs per step, '
       f'{setup.num_params / 1e6:.1f}M parameters, mesh {dict(mesh.shape)} on {jax.device_count()} '
       f'{dev.platform} device(s) ({dev.device_kind}), dtype {config.model.dtype}, remat {config.model.remat}, '
       f'attention {config.model.attention}')
@@ -197,9 +196,9 @@ def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, w
   if not metrics['finite'] > 0:
     raise FloatingPointError(f'the benchmarked step gave a non-finite loss ({metrics["loss"]})')
   step_s = sum(times) / len(times)
-  out = {'train/batch_samples': batch, 'train/pairs_per_step': LEVELS * batch,
+  out = {'train/batch_samples': batch, 'train/pairs_per_step': levels * batch,
          'train/compile_s': compile_s, 'train/step_s': step_s, 'train/step_s_median': statistics.median(times),
-         'train/pairs_per_s': LEVELS * batch / step_s, 'train/samples_per_s': batch / step_s,
+         'train/pairs_per_s': levels * batch / step_s, 'train/samples_per_s': batch / step_s,
          'train/flops_analytic': analytic_train_flops(config, batch),
          # CPU time of this process per step (all its threads): on a shared host, less sensitive to other load.
          'train/step_process_cpu_s': sum(cpu_times) / len(cpu_times)}

@@ -15,7 +15,6 @@ repeats included), its CMC and trapezoid mAP (`metrics.reference_metrics`).
 """
 import functools
 import json
-import os
 import time
 
 import jax

@@ -30,7 +30,7 @@ dropped tokens' own outputs are computed and ignored. tests/test_model.py checks
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

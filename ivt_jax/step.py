@@ -16,7 +16,7 @@ from ivt_jax import model as model_lib
 from ivt_jax import part_losses
 from ivt_jax import part_model
 
-LEVELS = 3  # MLA: sentence, phrase, word
+LEVELS = 3  # MLA: sentence, phrase, word (data.mla_levels may train on fewer: the batch's axis 1 says how many)
 
 
 @flax.struct.dataclass
@@ -32,37 +32,37 @@ def create_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> Tr
 
 
 def flatten_levels(batch: dict) -> dict:
-  """(B, 3, ...) per-sample MLA arrays -> (3B, ...) pairs; person ids repeated per level."""
+  """(B, V, ...) per-sample MLA arrays -> (V B, ...) pairs, sample-major; person ids repeated per level."""
   out = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k != 'person_id'}
-  out['person_id'] = jnp.repeat(batch['person_id'], LEVELS)
+  out['person_id'] = jnp.repeat(batch['person_id'], batch['text_ids'].shape[1])
   return out
 
 
 def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
                 text_lengths: Optional[Sequence[int]] = None):
-  """encoder.apply(method) on the 3B texts of the MLA batch, in `flatten_levels` order.
+  """encoder.apply(method) on the V B texts of the MLA batch, in `flatten_levels` order.
 
   text_lengths: positions per level (input_pipeline.shapes.level_text_lengths); a level shorter than the batch's
   L runs as its own forward on its first positions (the rest is padding, masked either way), so the
   short phrase and word texts cost what they hold. None (or all equal to L): one forward over (3B, L).
   """
-  length = batch['text_ids'].shape[-1]
+  levels, length = batch['text_ids'].shape[1:]
   run = lambda ids, mask, keep, r: encoder.apply({'params': params}, ids, mask, keep, True, method=method,
                                                  rngs={'dropout': r})
   if text_lengths is None or all(int(n) == length for n in text_lengths):
     pairs = flatten_levels({k: batch[k] for k in ('text_ids', 'text_mask', 'text_keep', 'person_id')})
     return run(pairs['text_ids'], pairs['text_mask'], pairs['text_keep'], rng)
-  if len(text_lengths) != LEVELS or max(text_lengths) > length:
-    raise ValueError(f'text_lengths {tuple(text_lengths)} do not fit the batch\'s {LEVELS} levels of {length}')
+  if len(text_lengths) != levels or max(text_lengths) > length:
+    raise ValueError(f'text_lengths {tuple(text_lengths)} do not fit the batch\'s {levels} levels of {length}')
   outs = [run(batch['text_ids'][:, l, :n], batch['text_mask'][:, l, :n], batch['text_keep'][:, l, :n],
               jax.random.fold_in(rng, l)) for l, n in enumerate(text_lengths)]
-  # (B, ...) per level -> (B, 3, ...) -> (3B, ...): sample-major, as flatten_levels.
+  # (B, ...) per level -> (B, V, ...) -> (V B, ...): sample-major, as flatten_levels.
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:]), *outs)
 
 
 def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder,
             text_lengths: Optional[Sequence[int]] = None):
-  """CMPM over the 3B (image view, text) pairs of the MLA batch, with the batch's BMM keep masks."""
+  """CMPM over the V B (image view, text) pairs of the MLA batch, with the batch's BMM keep masks."""
   pairs = flatten_levels(batch)
   rng_img, rng_txt = jax.random.split(rng)
   images = model_lib.normalize_images(pairs['images'])

@@ -18,18 +18,16 @@ from ivt_jax import optim
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 
-LEVELS = step_lib.LEVELS
-
-
 def batch_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{name: (shape, dtype)} of a global training batch of `batch` samples, as the input pipeline gives it."""
   enc = model_lib.encoder_config(config)
   h, w = enc.image_size
   length = config.data.text_length
   n_img = enc.num_image_tokens
-  return {'images': ((batch, LEVELS, h, w, 3), np.uint8), 'text_ids': ((batch, LEVELS, length), np.int32),
-          'text_mask': ((batch, LEVELS, length), np.int32), 'image_keep': ((batch, LEVELS, n_img), np.bool_),
-          'text_keep': ((batch, LEVELS, length), np.bool_), 'person_id': ((batch,), np.int32)}
+  v = len(shapes.mla_levels(config))
+  return {'images': ((batch, v, h, w, 3), np.uint8), 'text_ids': ((batch, v, length), np.int32),
+          'text_mask': ((batch, v, length), np.int32), 'image_keep': ((batch, v, n_img), np.bool_),
+          'text_keep': ((batch, v, length), np.bool_), 'person_id': ((batch,), np.int32)}
 
 
 def abstract_batch(config: ml_collections.ConfigDict, batch: int,
@@ -47,22 +45,23 @@ def random_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0) -
   length = config.data.text_length
   n_img = enc.num_image_tokens
   rng = np.random.default_rng(seed)
+  v = len(shapes.mla_levels(config))
   level_max = np.asarray(shapes.level_text_lengths(config))
-  lengths = rng.integers(np.maximum(2, level_max // 4), level_max + 1, size=(batch, LEVELS))
+  lengths = rng.integers(np.maximum(2, level_max // 4), level_max + 1, size=(batch, v))
   mask = (np.arange(length)[None, None, :] < lengths[..., None]).astype(np.int32)
-  ids = rng.integers(1, config.model.vocab_size, size=(batch, LEVELS, length)).astype(np.int32) * mask
+  ids = rng.integers(1, config.model.vocab_size, size=(batch, v, length)).astype(np.int32) * mask
   key_img, key_txt = jax.random.split(jax.random.PRNGKey(seed))
   ratio = float(config.data.bmm_ratio)
-  image_keep = np.asarray(model_lib.draw_keep_mask(key_img, batch * LEVELS, n_img, ratio))
-  text_keep = np.asarray(model_lib.draw_keep_mask(key_txt, batch * LEVELS, length, ratio))
+  image_keep = np.asarray(model_lib.draw_keep_mask(key_img, batch * v, n_img, ratio))
+  text_keep = np.asarray(model_lib.draw_keep_mask(key_txt, batch * v, length, ratio))
   text_keep = text_keep | (np.arange(length) >= np.tile(level_max, batch)[:, None])  # past each level's length
   k = max(1, int(config.data.images_per_id))
   return {
-      'images': rng.integers(0, 256, size=(batch, LEVELS, h, w, 3), dtype=np.uint8),
+      'images': rng.integers(0, 256, size=(batch, v, h, w, 3), dtype=np.uint8),
       'text_ids': ids,
       'text_mask': mask,
-      'image_keep': image_keep.reshape(batch, LEVELS, n_img),
-      'text_keep': text_keep.reshape(batch, LEVELS, length),
+      'image_keep': image_keep.reshape(batch, v, n_img),
+      'text_keep': text_keep.reshape(batch, v, length),
       'person_id': (np.arange(batch) // k).astype(np.int32),
   }
 

@@ -14,7 +14,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -107,14 +106,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = config.total_steps or config.num_epochs * steps_per_epoch
   eval_every = max(1, config.eval_every_epochs * steps_per_epoch)
   global_batch = config.data.ids_per_batch * config.data.images_per_id
+  levels = len(shapes.mla_levels(config))
   if global_batch % jax.process_count():
     raise ValueError(f'data.ids_per_batch x data.images_per_id = {global_batch} is not divisible by the '
                      f'{jax.process_count()} processes')
   if global_batch % mesh.size:
     raise ValueError(f'the batch of {global_batch} samples does not split over the {mesh.size} devices '
                      '(data.ids_per_batch x data.images_per_id must be a multiple of the device count)')
-  logging.info('%d steps per epoch, %d steps, %d samples (x3 MLA levels) per step', steps_per_epoch,
-               total_steps, global_batch)
+  logging.info('%d steps per epoch, %d steps, %d samples (x %d MLA levels: %s) per step', steps_per_epoch,
+               total_steps, global_batch, levels, ', '.join(shapes.mla_levels(config)))
 
   tx, schedule = optim.make_optimizer(config, steps_per_epoch)
   rng = jax.random.PRNGKey(config.seed)
@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.log_every_steps == 0 or step == total_steps:
         last = check(pending)
         elapsed = time.time() - t_log
-        pairs_per_s = (step - step_log) * global_batch * step_lib.LEVELS / max(elapsed, 1e-9)
+        pairs_per_s = (step - step_log) * global_batch * levels / max(elapsed, 1e-9)
         progress.update(step, float(last['loss']), float(last['learning_rate']))
         writer.write_scalars(step, {'train/loss': float(last['loss']),
                                     'train/grad_norm': float(last['grad_norm']),

@@ -77,3 +77,20 @@ def test_cli_prints_positive_figures(tmp_path):
   import json
   saved = json.load(open(out))
   assert saved['device_count'] == 8 and saved['train/step_s'] == pytest.approx(figures['train/step_s'], rel=1e-5)
+
+
+def test_sentence_level_alone_trains_on_one_pair_per_sample():
+  """data.mla_levels=('sentence',) (no MLA): batches of one level, a step that runs on them, a third of the work."""
+  import jax
+  from ivt_jax import sharding as sharding_lib
+  c = tiny_config()
+  n = jax.device_count()  # the batch splits over the devices
+  full_flops = benchmark.analytic_train_flops(c, n)
+  c.data.mla_levels = ('sentence',)
+  shapes = step_setup.batch_shapes(c, n)
+  assert shapes['images'][0][:2] == shapes['text_ids'][0][:2] == (n, 1)
+  setup, compiled, _ = step_setup.compile_train_step(c, n)
+  data = sharding_lib.global_batch(step_setup.local_rows(step_setup.random_batch(c, n, seed=0)), setup.mesh)
+  state, metrics = compiled(setup.init_state(), data)
+  assert int(state.step) == 1 and float(metrics['finite']) == 1.0 and np.isfinite(float(metrics['loss']))
+  assert benchmark.analytic_train_flops(c, n) < 0.5 * full_flops

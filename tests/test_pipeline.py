@@ -497,3 +497,30 @@ def test_eval_covers_everything_once(shard_count):
   for t, i, p in zip(valid_texts, image_index[q_valid], q_pid[q_valid]):
     assert CAPTIONS[t][0] == i and SOURCE[i]['person_id'] == p
   assert (q_pid[~q_valid] == -1).all()
+
+
+@pytest.mark.parametrize('levels', [('sentence',), ('sentence', 'word'), ('phrase',)])
+def test_mla_levels_subset(levels):
+  """data.mla_levels keeps those levels (in sentence, phrase, word order), one view each."""
+  config = make_config(mla_levels=levels, phrase_text_length=20, word_text_length=12)
+  b = next(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=0, shard_index=0, shard_count=1))
+  v = len(levels)
+  assert b['images'].shape[:2] == b['text_ids'].shape[:2] == b['image_keep'].shape[:2] == (6, v)
+  full = next(pipeline.train_iterator(make_config(phrase_text_length=20, word_text_length=12), SOURCE,
+                                      CharTokenizer(), seed=0, shard_index=0, shard_count=1))
+  if levels == ('sentence',):  # the sentence level is the full caption either way
+    np.testing.assert_array_equal(b['text_ids'][:, 0], full['text_ids'][:, 0])
+  lengths = {'sentence': 128, 'phrase': 20, 'word': 12}
+  for i, level in enumerate(levels):
+    assert b['text_mask'][:, i, lengths[level]:].sum() == 0  # each level keeps its own length
+  from input_pipeline import shapes
+  assert shapes.level_text_lengths(config) == tuple(lengths[x] for x in levels)
+
+
+def test_mla_levels_are_checked():
+  from input_pipeline import shapes
+  for bad in ((), ('sentence', 'sentence'), ('sentence', 'paragraph')):
+    with pytest.raises(ValueError, match='data.mla_levels'):
+      shapes.mla_levels(make_config(mla_levels=bad))
+  assert shapes.mla_levels(make_config(mla_levels=('word', 'sentence'))) == ('sentence', 'word')
+  assert shapes.mla_levels(make_config(mla_levels=('word,sentence',))) == ('sentence', 'word')  # the CLI's form
