@@ -69,12 +69,13 @@ def load_reference(repo: str) -> types.SimpleNamespace:
 
 
 def build_encoder(ref: types.SimpleNamespace, *, image_size=(384, 128), stride: int = 16, width: int = 768,
-                  depth: int = 12, num_heads: int = 12, vocab_size: int = 30522, drop_path: float = 0.1):
+                  depth: int = 12, num_heads: int = 12, vocab_size: int = 30522, drop_path: float = 0.1,
+                  text_dropout: float = 0.1):
   """The reference encoder with random weights; ViT-B by default, as its factory builds it."""
   import torch  # pylint: disable=g-import-not-at-top
   bert = types.SimpleNamespace(vocab_size=vocab_size, hidden_size=width, pad_token_id=0,
                                max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
-                               hidden_dropout_prob=0.1, position_embedding_type='absolute')
+                               hidden_dropout_prob=text_dropout, position_embedding_type='absolute')
   with contextlib.redirect_stdout(io.StringIO()):  # its constructor prints its dropout rates
     return ref.vit_vl.UVT_Bert_IMG_TXT_MASK(
         img_size=tuple(image_size), patch_size=16, stride_size=stride, embed_dim=width, depth=depth,
