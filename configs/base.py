@@ -27,7 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic.test_ids = 0
   c.data.synthetic.hard_negative_fraction = 0.25
   c.data.image_size = (384, 128)      # (H, W) after resize
-  c.data.text_length = 64             # tokens incl. [CLS]/[SEP], padded
+  c.data.text_length = 128            # tokens incl. [CLS]/[SEP]: longer captions are cut (the reference cuts none;
+                                      # CUHK-PEDES's real captions: median 28 WordPiece tokens, the longest seen 63)
+  c.data.text_buckets = (32, 48, 64, 96)  # a batch is padded to the smallest of these (or text_length) that holds
+                                      # its longest text: one compiled step per length (one process)
   c.data.phrase_text_length = 0       # training positions of the phrase level (0 = text_length; at most it)
   c.data.word_text_length = 0         # training positions of the word level (0 = text_length; at most it)
   c.data.tokenizer = 'wordpiece'      # wordpiece (bert-base-uncased vocab.txt) | sentencepiece (trained)

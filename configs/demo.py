@@ -21,6 +21,7 @@ def get_config():
   c.data.synthetic.test_ids = 150
   c.data.image_size = (128, 48)       # the drawn size: no resize
   c.data.text_length = 48            # captions: median 30 pieces, 99% under 51
+  c.data.text_buckets = ()           # one text shape (the measured setup)
   c.data.phrase_text_length = 24     # phrase and word levels: 95% under 24 pieces
   c.data.word_text_length = 24
   c.data.tokenizer = 'sentencepiece'

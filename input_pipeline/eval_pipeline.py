@@ -6,6 +6,7 @@ per process, the tail padded with copies of item 0 flagged valid=False, person_i
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import grain
@@ -13,6 +14,7 @@ import numpy as np
 
 from input_pipeline import augment
 from input_pipeline import examples
+from input_pipeline import shapes
 
 
 class EvalData(NamedTuple):
@@ -94,6 +96,9 @@ def eval_batches(config, source, tokenizer, *, shard_index: int | None = None,
   g_items, g_batches = _padded_range(len(pids), b, shard_index, shard_count)
   gallery = g_items.map(_GalleryItem(source, size, len(pids))).batch(b).to_iter_dataset(options)
   q_items, q_batches = _padded_range(len(units.record), b, shard_index, shard_count)
-  queries = q_items.map(_QueryItem(source, tokenizer, length, units.record, units.caption))
-  queries = queries.batch(b).to_iter_dataset(options)
+  queries = q_items.map(_QueryItem(source, tokenizer, length, units.record, units.caption)).batch(b)
+  buckets = shapes.text_buckets(config)
+  if len(buckets) > 1 and shard_count == 1:  # as training: each batch padded to the bucket of its longest query
+    queries = queries.map(functools.partial(examples.trim_to_bucket, buckets=buckets))
+  queries = queries.to_iter_dataset(options)
   return EvalData(gallery, queries, g_batches, q_batches, len(pids), len(units.record))

@@ -165,3 +165,13 @@ def encode_texts(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndarr
     raise ValueError(f'tokenizer.encode returned shapes {ids.shape}, {mask.shape}; expected '
                      f'{(len(texts), length)} (data.text_length={length})')
   return ids, mask
+
+
+def trim_to_bucket(batch: dict[str, np.ndarray], buckets: Sequence[int]) -> dict[str, np.ndarray]:
+  """A batch padded to buckets[-1] -> padded to the smallest bucket that holds its longest text (the positions
+  cut off are padding in every row)."""
+  longest = int(batch['text_mask'].sum(axis=-1).max())
+  length = next(b for b in buckets if b >= longest)
+  if length == batch['text_ids'].shape[-1]:
+    return batch
+  return {k: (v[..., :length] if k.startswith('text_') else v) for k, v in batch.items()}

@@ -28,7 +28,9 @@ Training (`train_iterator`)
     images (B, V, H, W, 3) uint8, text_ids (B, V, L) int32, text_mask (B, V, L) int32,
     image_keep (B, V, N_img) bool, text_keep (B, V, L) bool, person_id (B,) int32 (V = the levels, 3);
   L = data.text_length; level l's text is encoded (cut, [SEP] kept) to L_l positions and padded to L
-  (pad ids, mask 0, keep True), so a shorter level costs the train step only L_l positions.
+  (pad ids, mask 0, keep True), so a shorter level costs the train step only L_l positions. With
+  data.text_buckets (one process), the batch's text arrays are then cut to the smallest bucket that holds its
+  longest text (`examples.trim_to_bucket`): only padding goes, and the step sees a handful of text shapes.
   Global batch g of the run is the same whatever the process or worker count: process i gets its
   rows [i B, (i + 1) B) (a P divisible by the process count keeps each identity's K samples on one
   process; the loss sees the global batch either way). Randomness comes from grain's per-element
@@ -43,11 +45,13 @@ Examples are read by input_pipeline.examples; evaluation batches come from input
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import threading
 from typing import Any, Sequence
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
 
@@ -55,6 +59,7 @@ from input_pipeline import augment
 from input_pipeline import examples
 from input_pipeline import sampler as sampler_lib
 from input_pipeline import text
+from input_pipeline import shapes
 from input_pipeline.shapes import level_text_lengths
 from input_pipeline.shapes import mla_levels
 from input_pipeline.shapes import num_image_tokens
@@ -107,6 +112,7 @@ class _Settings:
   max_attrs: int
   bmm_pattern: str = 'sample'
   levels: tuple[str, ...] = examples.LEVELS
+  buckets: tuple[int, ...] = ()
 
   @classmethod
   def from_config(cls, config) -> '_Settings':
@@ -128,7 +134,8 @@ class _Settings:
     return cls(size, int(d.text_length), level_text_lengths(config),
                num_image_tokens(size, int(m.patch_size), int(m.stride)),
                int(d.augment.pad), float(d.augment.flip_prob), float(d.augment.erase_prob),
-               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), mla_levels(config))
+               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), mla_levels(config),
+               shapes.text_buckets(config))
 
 
 class _TrainSample(grain.transforms.RandomMap):
@@ -298,6 +305,12 @@ def train_batches(config, source, tokenizer, *, seed: int, shard_index: int | No
   ds = ds.batch(p * k // shard_count, drop_remainder=True)
   if settings.bmm_pattern == 'batch':
     ds = ds.map_with_index(_BatchKeep(settings, seed))
+  if len(settings.buckets) > 1:
+    if shard_count == 1:
+      ds = ds.map(functools.partial(examples.trim_to_bucket, buckets=settings.buckets))
+    else:  # every process must give the step the same shape: no process knows the others' texts
+      logging.info('data.text_buckets: off with %d processes; every batch is padded to data.text_length (%d)',
+                   shard_count, settings.text_length)
   return ds
 
 

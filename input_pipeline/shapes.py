@@ -56,3 +56,24 @@ def level_text_lengths(config) -> tuple[int, ...]:
       raise ValueError(f'data.{key} must be 0 (= data.text_length) or at least 2, got {n}')
     lengths.append(min(n, full) if n else full)
   return tuple(lengths)
+
+
+def text_buckets(config) -> tuple[int, ...]:
+  """The padded text lengths a training batch may take, ascending, data.text_length last.
+
+  data.text_buckets lists shorter lengths (each >= 2; those not below data.text_length play no part, so that
+  lowering data.text_length alone stays valid); a batch is padded to the smallest that holds its longest text
+  (input_pipeline.pipeline), so short batches cost less while no caption is cut below data.text_length.
+  (): every batch has data.text_length.
+  """
+  full = int(config.data.text_length)
+  buckets = tuple(int(b) for b in config.data.get('text_buckets', ()))
+  bad = [b for b in buckets if b < 2]
+  if bad:
+    raise ValueError(f'data.text_buckets must be lengths of at least 2, got {bad}')
+  return tuple(sorted({b for b in buckets if b < full})) + (full,)
+
+
+def bucket_text_lengths(level_lengths, bucket: int) -> tuple[int, ...]:
+  """Each level's training positions (`level_text_lengths`) in a batch padded to `bucket`."""
+  return tuple(min(int(n), int(bucket)) for n in level_lengths)

@@ -18,11 +18,13 @@ from ivt_jax import optim
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 
-def batch_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """{name: (shape, dtype)} of a global training batch of `batch` samples, as the input pipeline gives it."""
+def batch_shapes(config: ml_collections.ConfigDict, batch: int,
+                 text_length: Optional[int] = None) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{name: (shape, dtype)} of a global training batch of `batch` samples, as the input pipeline gives it
+  (texts padded to `text_length`: one of `shapes.text_buckets`; default data.text_length)."""
   enc = model_lib.encoder_config(config)
   h, w = enc.image_size
-  length = config.data.text_length
+  length = int(text_length or config.data.text_length)
   n_img = enc.num_image_tokens
   v = len(shapes.mla_levels(config))
   return {'images': ((batch, v, h, w, 3), np.uint8), 'text_ids': ((batch, v, length), np.int32),
@@ -30,12 +32,12 @@ def batch_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, tup
           'text_keep': ((batch, v, length), np.bool_), 'person_id': ((batch,), np.int32)}
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch: int,
-                   mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict, batch: int, mesh: jax.sharding.Mesh,
+                   text_length: Optional[int] = None) -> dict[str, jax.ShapeDtypeStruct]:
   """`batch_shapes` as abstract arrays with the batch sharding over `mesh`: what the step is lowered for."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-          for k, (shape, dtype) in batch_shapes(config, batch).items()}
+          for k, (shape, dtype) in batch_shapes(config, batch, text_length).items()}
 
 
 def random_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

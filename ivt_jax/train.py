@@ -68,13 +68,28 @@ def _resolve_data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_c
   return config
 
 
-def _compile_in_background(train_step, abstract_state, config, global_batch: int, mesh):
-  """-> a future of the compiled step for the pipeline's global batch (traced here, compiled in a thread)."""
-  lowered = train_step.lower(abstract_state, step_setup.abstract_batch(config, global_batch, mesh))
-  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
-  future = pool.submit(lowered.compile)
-  pool.shutdown(wait=False)
-  return future
+class _StepsByLength:
+  """The training step compiled for each padded text length the pipeline gives (data.text_buckets; one without
+  buckets). Every length is traced here and compiled by XLA in one background thread, shortest first, while this
+  thread goes on (initializing or restoring the state); a step waits only for its own length's program."""
+
+  def __init__(self, make_step, abstract_state, config, global_batch: int, mesh):
+    lengths = shapes.text_buckets(config) if jax.process_count() == 1 else (int(config.data.text_length),)
+    levels = shapes.level_text_lengths(config)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
+    self._compiled = {}
+    for length in lengths:
+      lowered = make_step(shapes.bucket_text_lengths(levels, length)).lower(
+          abstract_state, step_setup.abstract_batch(config, global_batch, mesh, length))
+      self._compiled[length] = pool.submit(lowered.compile)
+    pool.shutdown(wait=False)
+
+  def __call__(self, state, batch):
+    length = batch['text_ids'].shape[-1]
+    if length not in self._compiled:
+      raise ValueError(f'a training batch padded to {length} text positions: not one of data.text_buckets + '
+                       f'data.text_length {sorted(self._compiled)}')
+    return self._compiled[length].result()(state, batch)
 
 
 def _init_params(config, module, shardings, rng):
@@ -128,13 +143,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best_manager = checkpoints.params_manager(os.path.join(workdir, 'best'))
   target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
-  train_step = jax.jit(
+  make_step = lambda text_lengths: jax.jit(
       functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
-                        steps_per_epoch=steps_per_epoch, text_lengths=shapes.level_text_lengths(config)),
+                        steps_per_epoch=steps_per_epoch, text_lengths=text_lengths),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
   # XLA compiles the step in a thread while this one initializes or restores the state.
-  compiling = _compile_in_background(train_step, target, config, global_batch, mesh)
+  train_step = _StepsByLength(make_step, target, config, global_batch, mesh)
   restored = checkpoints.restore_training(manager, target, data_iter)
   if restored is None:
     params = _init_params(config, encoder, shardings, rng)
@@ -143,7 +158,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state, meta = restored
     logging.info('resumed from step %d', int(state.step))
-  train_step = compiling.result()
   embed_args = (config, encoder, mesh, shardings, prepared, tokenizer)
   has_val = prepared.split_sizes.get('val', 0) > 0
 

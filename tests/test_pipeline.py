@@ -87,6 +87,7 @@ def make_config(**data):
   c = base.get_config()
   c.data.image_size = (96, 32)
   c.data.text_length = 128
+  c.data.text_buckets = ()    # fixed shapes here; test_text_buckets_* set their own
   c.data.ids_per_batch = 3
   c.data.images_per_id = 2
   c.data.worker_count = 0
@@ -524,3 +525,49 @@ def test_mla_levels_are_checked():
       shapes.mla_levels(make_config(mla_levels=bad))
   assert shapes.mla_levels(make_config(mla_levels=('word', 'sentence'))) == ('sentence', 'word')
   assert shapes.mla_levels(make_config(mla_levels=('word,sentence',))) == ('sentence', 'word')  # the CLI's form
+
+
+def test_text_buckets_pad_each_batch_to_the_smallest_that_holds_it():
+  """data.text_buckets: a batch's texts are padded to the smallest bucket holding its longest text; nothing but
+  padding goes, so the batch is the fixed-length one cut short. Evaluation queries are bucketed alike."""
+  buckets = (40, 74, 80, 96)  # the longest texts of these batches: 74 or 75 bytes + [CLS] and [SEP]
+  config = make_config(text_buckets=buckets)
+  fixed = take(pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), seed=0, shard_index=0,
+                                       shard_count=1), 8)
+  bucketed = take(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=0, shard_index=0,
+                                          shard_count=1), 8)
+  seen = set()
+  for f, b in zip(fixed, bucketed):
+    length = b['text_ids'].shape[-1]
+    longest = int(f['text_mask'].sum(-1).max())
+    assert length == min(x for x in buckets + (128,) if x >= longest)
+    seen.add(length)
+    for key in ('text_ids', 'text_mask', 'text_keep'):
+      np.testing.assert_array_equal(b[key], f[key][..., :length])
+    assert f['text_mask'][..., length:].sum() == 0 and f['text_ids'][..., length:].sum() == 0
+    np.testing.assert_array_equal(b['images'], f['images'])
+  assert len(seen) > 1  # the batches took different lengths
+  # Several processes: every process must hand the step the same shape, so batches keep data.text_length.
+  multi = next(pipeline.train_iterator(config, SOURCE, CharTokenizer(), seed=0, shard_index=0, shard_count=2))
+  assert multi['text_ids'].shape[-1] == 128
+  # Evaluation queries: the same ids and masks, cut to the bucket of each batch's longest query.
+  from input_pipeline import eval_pipeline
+  q_fixed = list(eval_pipeline.eval_batches(make_config(), SOURCE, CharTokenizer(), shard_index=0,
+                                            shard_count=1).queries)
+  q_bucketed = list(eval_pipeline.eval_batches(config, SOURCE, CharTokenizer(), shard_index=0,
+                                               shard_count=1).queries)
+  for f, b in zip(q_fixed, q_bucketed):
+    length = b['text_ids'].shape[-1]
+    assert length in buckets + (128,) and length < 128
+    np.testing.assert_array_equal(b['text_ids'], f['text_ids'][:, :length])
+    assert f['text_mask'][:, length:].sum() == 0
+
+
+def test_text_buckets_are_read_from_the_config():
+  from input_pipeline import shapes
+  assert shapes.text_buckets(make_config(text_buckets=(96, 32, 64, 32))) == (32, 64, 96, 128)
+  assert shapes.text_buckets(make_config(text_length=48, text_buckets=(32, 64))) == (32, 48)  # 64: not below
+  assert shapes.text_buckets(make_config()) == (128,)
+  with pytest.raises(ValueError, match='data.text_buckets'):
+    shapes.text_buckets(make_config(text_buckets=(1,)))
+  assert shapes.bucket_text_lengths((128, 20, 12), 16) == (16, 16, 12)

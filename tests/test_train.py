@@ -167,3 +167,19 @@ def test_sigterm_leaves_restorable_checkpoint(data_root, tmp_path):
   step, params = _final_params(workdir)
   assert step >= 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.slow
+def test_text_buckets_train_as_the_fixed_length(data_root, tmp_path):
+  """Batches padded to data.text_buckets (a compiled step per length) train as those padded to text_length:
+  only padding differs, and padding is masked."""
+  from ivt_jax import train
+  c = tiny_demo(data_root)
+  c.total_steps = 4
+  train.train_and_evaluate(c, str(tmp_path / 'fixed'))
+  c.data.text_buckets = (12, 16, 20, 24, 28)
+  result = train.train_and_evaluate(c, str(tmp_path / 'buckets'))
+  _, fixed = _final_params(str(tmp_path / 'fixed'))
+  _, bucketed = _final_params(str(tmp_path / 'buckets'))
+  _assert_trees(fixed, bucketed, atol=1e-4)
+  assert set(result['test']) == {'r1', 'r5', 'r10', 'mAP', 'mINP'}

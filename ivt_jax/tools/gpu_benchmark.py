@@ -70,6 +70,7 @@ def model_config(size: str, stride: int, dtype: str, attention: str):
   from configs import cuhk  # pylint: disable=g-import-not-at-top
   c = cuhk.get_config()
   c.model.update(stride=stride, dtype=dtype, attention=attention)
+  c.data.text_length, c.data.text_buckets = 64, ()  # every batch at 64 positions, as the reference harness's
   if size == 'tiny':
     c.data.image_size = (64, 32)
     c.data.text_length = 16
