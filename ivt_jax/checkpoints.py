@@ -52,6 +52,15 @@ def restore_training(manager: ocp.CheckpointManager, abstract_state: Any, data_i
   return restored.state, restored.meta
 
 
+def latest_meta(manager: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
+  """(step, run metadata) of the latest training checkpoint, without restoring the state; None if none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  return step, dict(restored.meta or {})
+
+
 def save_params(manager: ocp.CheckpointManager, step: int, params: Any, meta: dict) -> None:
   """Saves (replacing an earlier save of the same step, e.g. re-evaluated after a resume)."""
   if step in manager.all_steps():

@@ -8,6 +8,7 @@ runtime supplies the rest). Several CPU processes on one machine (a test setting
 Libraries' INFO lines are hidden: --verbosity=1 (or IVT_VERBOSE=1) shows them (ivt_jax.console).
 """
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -59,8 +60,13 @@ def main(argv):
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  from ivt_jax import run_guard
   from ivt_jax import train
-  train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+  try:
+    train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+  except (run_guard.RunLockedError, run_guard.ConfigChangedError) as e:  # said in full: no traceback needed
+    print(f'error: {e}', file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

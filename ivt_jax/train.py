@@ -27,6 +27,7 @@ from ivt_jax import evaluate as evaluate_lib
 from ivt_jax import model as model_lib
 from ivt_jax import optim
 from ivt_jax import prefetch
+from ivt_jax import run_guard
 from ivt_jax import sharding as sharding_lib
 from ivt_jax import step as step_lib
 from ivt_jax import step_setup
@@ -103,14 +104,26 @@ def _init_params(config, module, shardings, rng):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the experiment; returns the final metrics dict (also in <workdir>/metrics.json)."""
+  """Runs (or resumes) the experiment; returns the final metrics dict (also in <workdir>/metrics.json).
+
+  One run per workdir: process 0 holds the workdir's lock for the whole run (ivt_jax.run_guard)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  lock = run_guard.WorkdirLock(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from input_pipeline import pipeline as pipeline_lib
   from input_pipeline import sampler as sampler_lib
   from input_pipeline import prepare as prepare_lib
 
   t_start = time.time()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
   config = _resolve_data_paths(config, workdir)
   config, prepared, tokenizer, encoder, mesh, abstract, shardings = evaluate_lib.build(config, workdir)
   logging.info('mesh %s, %d processes; prepared %s', dict(mesh.shape), jax.process_count(), prepared)
@@ -141,6 +154,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpoints.training_manager(workdir, save_every=config.checkpoint_every_steps,
                                          max_to_keep=config.max_checkpoints)
   best_manager = checkpoints.params_manager(os.path.join(workdir, 'best'))
+  latest = checkpoints.latest_meta(manager)
+  if latest is not None:  # before anything is restored: a changed model would fail there, less clearly
+    run_guard.check_resume_config(latest[1].get('config'), config.to_dict(),
+                                  f'{workdir} (checkpoint of step {latest[0]})')
   target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
   make_step = lambda text_lengths: jax.jit(

@@ -99,11 +99,18 @@ def test_end_to_end_and_exact_resume(data_root, tmp_path):
     assert got['protocol'] == protocol
     for k in ('r1', 'r5', 'r10'):
       assert got[k] == pytest.approx(result['test'][k], abs=1e-6), (protocol, k)
-  # Interrupted: 3 steps, then the same run continued to 6 from its checkpoint.
+  # Interrupted: 3 steps, then the same run continued to 6 from its checkpoint (a longer total_steps and
+  # another logging frequency are harmless changes).
   half = str(tmp_path / 'half')
   c.total_steps = 3
   train.train_and_evaluate(c, half)
+  from ivt_jax import run_guard
+  changed = c.copy_and_resolve_references()
+  changed.model.mlp_dim, changed.optim.lr = 128, 5e-4
+  with pytest.raises(run_guard.ConfigChangedError, match=r'model\.mlp_dim: 64 in the checkpoint, 128 now'):
+    train.train_and_evaluate(changed, half)  # refused before anything is restored or trained
   c.total_steps = 6
+  c.log_every_steps = 3
   train.train_and_evaluate(c, half)
   step, params_resumed = _final_params(half)
   assert step == 6

@@ -1,0 +1,131 @@
+"""One workdir, one run: the workdir lock, and what a resumed run may change in its config.
+
+The lock: `<workdir>/run.lock` holds the owner's process id, host and start time, and the owner holds an
+exclusive `fcntl.flock` on it for as long as it runs. The kernel drops that lock when the process ends in any way
+(SIGKILL included), so a lock file left by a killed run does not block the restart; a second live run on the
+same workdir is refused, naming the first. With several processes (jax.distributed), process 0 takes the lock.
+Where the file system cannot lock (some network file systems), the run goes on with a warning.
+
+The config on resume: a run that continues from a checkpoint must train the same model on the same data stream,
+so keys that change shapes or the stream (`REFUSED`: the model, the data, the optimizer and its schedule, the seed,
+the initialization) are refused, every changed key named with both values, before anything is restored. The other
+keys (logging, evaluation and checkpoint frequency, total_steps, the mesh, worker counts, data paths) may change;
+each change is logged.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from typing import Any, Mapping
+
+from absl import logging
+
+LOCK_FILE = 'run.lock'
+
+# Config keys (dotted prefixes) a resumed run must keep.
+REFUSED = ('model.', 'part.', 'data.', 'optim.', 'init.', 'seed', 'num_epochs')
+# Keys under those prefixes that do not change what is trained: how the data is read, not which data.
+ALLOWED = ('data.worker_count', 'data.worker_buffer_size', 'data.prefetch', 'data.manual_dir', 'data.data_dir')
+
+
+class RunLockedError(RuntimeError):
+  pass
+
+
+class ConfigChangedError(ValueError):
+  pass
+
+
+class WorkdirLock:
+  """Exclusive ownership of a workdir for one run (see the module docstring). Use as a context manager."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self) -> 'WorkdirLock':
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      owner = _read_owner(fd)
+      os.close(fd)
+      raise RunLockedError(
+          f'{os.path.dirname(self.path)} is in use by another run: process {owner.get("pid", "?")} on host '
+          f'{owner.get("host", "?")}, started {owner.get("started", "?")} ({self.path}). One workdir holds one '
+          'run: wait for it to end, stop it, or choose another --workdir.') from None
+    except OSError as e:  # no locking on this file system
+      logging.warning('cannot lock %s (%s): running without the one-run-per-workdir check', self.path, e)
+      os.close(fd)
+      return self
+    owner = {'pid': os.getpid(), 'host': socket.gethostname(),
+             'started': datetime.datetime.now().isoformat(timespec='seconds')}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(owner) + '\n').encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> 'WorkdirLock':
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _read_owner(fd: int) -> dict:
+  try:
+    return json.loads(os.pread(fd, 4096, 0).decode() or '{}')
+  except (OSError, ValueError):
+    return {}
+
+
+def _flat(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _refused(key: str) -> bool:
+  if any(key == a or key.startswith(a + '.') for a in ALLOWED):
+    return False
+  return any(key.startswith(p) if p.endswith('.') else key == p for p in REFUSED)
+
+
+def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str) -> list[str]:
+  """Compares the config a checkpoint was written with to this run's (both `ConfigDict.to_dict()`).
+
+  Raises ConfigChangedError naming every refused change (key: checkpoint value -> this run's value); returns the
+  allowed changes as lines (also logged). A checkpoint without a saved config is let through with a warning.
+  """
+  if not saved:
+    logging.warning('%s: the checkpoint holds no config to compare with; resuming without the check', where)
+    return []
+  old, new = _flat(saved), _flat(current)
+  newer = sorted(set(new) - set(old))  # keys this version has and the checkpoint's did not
+  if newer:
+    logging.warning('%s: the checkpoint was written by a version without the config keys %s; resuming with '
+                    'their values here', where, ', '.join(f'{k}={new[k]!r}' for k in newer))
+  changes = [(k, old[k], new.get(k, '<absent>')) for k in sorted(old) if old[k] != new.get(k, '<absent>')]
+  refused = [f'  {k}: {a!r} in the checkpoint, {b!r} now' for k, a, b in changes if _refused(k)]
+  if refused:
+    raise ConfigChangedError(
+        f'cannot resume {where} with another config: these keys change the model, the data stream or the '
+        'optimization:\n' + '\n'.join(refused) + '\nPut the checkpoint\'s values back, or train in a new --workdir.')
+  allowed = [f'{k}: {a!r} -> {b!r}' for k, a, b in changes]
+  for line in allowed:
+    logging.info('resuming with a changed setting (it does not change what is trained): %s', line)
+  return allowed
