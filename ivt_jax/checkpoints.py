@@ -8,6 +8,7 @@ Layouts (each an Orbax CheckpointManager directory of numbered steps):
 `restore_params` reads any of the three (for a workdir: best if present, else the latest training state).
 """
 import os
+import time
 from typing import Any, Optional
 
 import grain
@@ -40,25 +41,61 @@ def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_it
       meta=ocp.args.JsonSave(meta)), force=force)
 
 
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a damaged step out of the manager's directory (kept for inspection) -> where it went."""
+  root = os.fspath(manager.directory)
+  aside = os.path.join(os.path.dirname(root), 'damaged_checkpoints')
+  os.makedirs(aside, exist_ok=True)
+  target = os.path.join(aside, f'{step}.{int(time.time())}')
+  os.replace(os.path.join(root, str(step)), target)
+  return target
+
+
 def restore_training(manager: ocp.CheckpointManager, abstract_state: Any, data_iter):
-  """-> (state, meta) from the latest step, the iterator restored in place; None if there is none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-      meta=ocp.args.JsonRestore()))
-  return restored.state, restored.meta
+  """-> (state, meta) from the newest checkpoint that restores, the iterator restored in place; None if there
+  is none. A checkpoint that cannot be restored (a missing or truncated file, damaged bytes that its format
+  detects) is named in the log and moved to <workdir>/damaged_checkpoints/, and the one before it is tried;
+  when none restores, CheckpointError names each with its error."""
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read it: try the one before)
+      reason = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+      damaged.append((step, reason))
+      logging.warning('the checkpoint of step %d in %s cannot be restored (%s); trying the one before', step,
+                      manager.directory, reason)
+      continue
+    for bad, _ in damaged:
+      where = _set_aside(manager, bad) if jax.process_index() == 0 else ''
+      logging.warning('resuming from step %d; the damaged checkpoint of step %d was moved to %s', step, bad, where)
+    if damaged:
+      manager.reload()
+    return restored.state, restored.meta
+  if damaged:
+    raise CheckpointError(f'no checkpoint in {manager.directory} can be restored:\n' +
+                          '\n'.join(f'  step {s}: {r}' for s, r in damaged) +
+                          '\nMove that directory away to start the run afresh, or restore it from a copy.')
+  return None
 
 
 def latest_meta(manager: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
-  """(step, run metadata) of the latest training checkpoint, without restoring the state; None if none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  return step, dict(restored.meta or {})
+  """(step, run metadata) of the newest training checkpoint whose metadata reads, without restoring the state;
+  None if none."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception:  # pylint: disable=broad-except  (restore_training names and handles damaged steps)
+      continue
+    return step, dict(restored.meta or {})
+  return None
 
 
 def save_params(manager: ocp.CheckpointManager, step: int, params: Any, meta: dict) -> None:

@@ -115,6 +115,21 @@ def test_end_to_end_and_exact_resume(data_root, tmp_path):
   step, params_resumed = _final_params(half)
   assert step == 6
   _assert_trees(params_full, params_resumed)
+  # A damaged latest checkpoint (its array data cut short, as a kill during the write or a full disk leaves
+  # it): named, set aside, and the run resumes from the one before, to the same parameters.
+  damaged = str(tmp_path / 'damaged')
+  c.total_steps = 4
+  train.train_and_evaluate(c, damaged)
+  for d, _, fs in os.walk(os.path.join(damaged, 'checkpoints', '4', 'state')):
+    for name in fs if os.path.basename(d) == 'd' else ():
+      with open(os.path.join(d, name), 'r+b') as f:
+        f.truncate(os.path.getsize(os.path.join(d, name)) // 2)
+  c.total_steps = 6
+  train.train_and_evaluate(c, damaged)
+  assert os.listdir(os.path.join(damaged, 'damaged_checkpoints'))[0].startswith('4.')
+  step, params_damaged = _final_params(damaged)
+  assert step == 6
+  _assert_trees(params_full, params_damaged)
 
 
 @pytest.mark.slow
