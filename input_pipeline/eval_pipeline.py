@@ -97,8 +97,8 @@ def eval_batches(config, source, tokenizer, *, shard_index: int | None = None,
   gallery = g_items.map(_GalleryItem(source, size, len(pids))).batch(b).to_iter_dataset(options)
   q_items, q_batches = _padded_range(len(units.record), b, shard_index, shard_count)
   queries = q_items.map(_QueryItem(source, tokenizer, length, units.record, units.caption)).batch(b)
-  buckets = shapes.text_buckets(config)
-  if len(buckets) > 1 and shard_count == 1:  # as training: each batch padded to the bucket of its longest query
+  buckets = shapes.text_buckets(config, shard_count)
+  if len(buckets) > 1:  # as training: each batch padded to the bucket of its longest query
     queries = queries.map(functools.partial(examples.trim_to_bucket, buckets=buckets))
   queries = queries.to_iter_dataset(options)
   return EvalData(gallery, queries, g_batches, q_batches, len(pids), len(units.record))

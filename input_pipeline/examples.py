@@ -167,10 +167,15 @@ def encode_texts(tokenizer, texts: Sequence[str], length: int) -> tuple[np.ndarr
   return ids, mask
 
 
+def longest_text(batch: dict[str, np.ndarray]) -> int:
+  """Positions of the batch's longest text ([CLS] and [SEP] included), over every row and level."""
+  return int(batch['text_mask'].sum(axis=-1).max())
+
+
 def trim_to_bucket(batch: dict[str, np.ndarray], buckets: Sequence[int]) -> dict[str, np.ndarray]:
   """A batch padded to buckets[-1] -> padded to the smallest bucket that holds its longest text (the positions
   cut off are padding in every row)."""
-  longest = int(batch['text_mask'].sum(axis=-1).max())
+  longest = longest_text(batch)
   length = next(b for b in buckets if b >= longest)
   if length == batch['text_ids'].shape[-1]:
     return batch

@@ -61,7 +61,6 @@ from input_pipeline import sampler as sampler_lib
 from input_pipeline import text
 from input_pipeline import shapes
 from input_pipeline.shapes import level_text_lengths
-from input_pipeline.shapes import mla_levels
 from input_pipeline.shapes import num_image_tokens
 
 
@@ -112,7 +111,6 @@ class _Settings:
   max_attrs: int
   bmm_pattern: str = 'sample'
   levels: tuple[str, ...] = examples.LEVELS
-  buckets: tuple[int, ...] = ()
 
   @classmethod
   def from_config(cls, config) -> '_Settings':
@@ -134,8 +132,7 @@ class _Settings:
     return cls(size, int(d.text_length), level_text_lengths(config),
                num_image_tokens(size, int(m.patch_size), int(m.stride)),
                int(d.augment.pad), float(d.augment.flip_prob), float(d.augment.erase_prob),
-               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), mla_levels(config),
-               shapes.text_buckets(config))
+               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), shapes.mla_levels(config))
 
 
 class _TrainSample(grain.transforms.RandomMap):
@@ -185,7 +182,7 @@ class _BatchKeep:
     s = self._s
     rng = np.random.default_rng([self._seed, self.STREAM, int(index)])
     image_keep = bmm_keep(s.num_image_tokens, s.bmm_ratio, rng)
-    longest = max(2, int(batch['text_mask'].sum(axis=-1).max()))
+    longest = max(2, examples.longest_text(batch))
     text_keep = np.ones(s.text_length, bool)
     text_keep[:longest] = bmm_keep(longest, s.bmm_ratio, rng)
     return {**batch, 'image_keep': np.broadcast_to(image_keep, batch['image_keep'].shape).copy(),
@@ -305,12 +302,12 @@ def train_batches(config, source, tokenizer, *, seed: int, shard_index: int | No
   ds = ds.batch(p * k // shard_count, drop_remainder=True)
   if settings.bmm_pattern == 'batch':
     ds = ds.map_with_index(_BatchKeep(settings, seed))
-  if len(settings.buckets) > 1:
-    if shard_count == 1:
-      ds = ds.map(functools.partial(examples.trim_to_bucket, buckets=settings.buckets))
-    else:  # every process must give the step the same shape: no process knows the others' texts
-      logging.info('data.text_buckets: off with %d processes; every batch is padded to data.text_length (%d)',
-                   shard_count, settings.text_length)
+  buckets = shapes.text_buckets(config, shard_count)
+  if len(buckets) > 1:
+    ds = ds.map(functools.partial(examples.trim_to_bucket, buckets=buckets))
+  elif len(shapes.text_buckets(config)) > 1:
+    logging.info('data.text_buckets: off with %d processes; every batch is padded to data.text_length (%d)',
+                 shard_count, settings.text_length)
   return ds
 
 

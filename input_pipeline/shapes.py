@@ -58,19 +58,22 @@ def level_text_lengths(config) -> tuple[int, ...]:
   return tuple(lengths)
 
 
-def text_buckets(config) -> tuple[int, ...]:
+def text_buckets(config, processes: int = 1) -> tuple[int, ...]:
   """The padded text lengths a training batch may take, ascending, data.text_length last.
 
   data.text_buckets lists shorter lengths (each >= 2; those not below data.text_length play no part, so that
   lowering data.text_length alone stays valid); a batch is padded to the smallest that holds its longest text
   (input_pipeline.pipeline), so short batches cost less while no caption is cut below data.text_length.
-  (): every batch has data.text_length.
+  (), or more than one process: every batch has data.text_length (every process must give the step the same
+  shape, and no process knows the texts of the others' rows).
   """
   full = int(config.data.text_length)
   buckets = tuple(int(b) for b in config.data.get('text_buckets', ()))
   bad = [b for b in buckets if b < 2]
   if bad:
     raise ValueError(f'data.text_buckets must be lengths of at least 2, got {bad}')
+  if processes > 1:
+    return (full,)
   return tuple(sorted({b for b in buckets if b < full})) + (full,)
 
 

@@ -36,20 +36,27 @@ def _positive_ranks(sim: np.ndarray, relevant: np.ndarray) -> np.ndarray:
   return np.sort(ranks, axis=1)
 
 
+def _checked(similarity, query_ids, gallery_ids, dtype=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """-> (similarity (Q, G), query_ids (Q,), gallery_ids (G,)) as numpy; a bad shape or a non-finite score is
+  refused."""
+  similarity = np.asarray(similarity, dtype)
+  query_ids = np.asarray(query_ids).reshape(-1)
+  gallery_ids = np.asarray(gallery_ids).reshape(-1)
+  if similarity.shape != (len(query_ids), len(gallery_ids)):
+    raise ValueError(f'similarity has shape {similarity.shape}, expected ({len(query_ids)}, {len(gallery_ids)}) '
+                     'from query_ids and gallery_ids')
+  if not np.all(np.isfinite(similarity)):
+    raise ValueError(f'similarity has {int((~np.isfinite(similarity)).sum())} non-finite entries')
+  return similarity, query_ids, gallery_ids
+
+
 def retrieval_metrics(similarity, query_ids, gallery_ids, chunk_size: Optional[int] = None) -> dict:
   """similarity: (Q, G) text-to-image scores; query_ids: (Q,); gallery_ids: (G,) -> dict of percentages.
 
   Keys r1, r5, r10, mAP, mINP. Every query must have at least one relevant gallery item.
   """
-  similarity = np.asarray(similarity)
-  query_ids = np.asarray(query_ids).reshape(-1)
-  gallery_ids = np.asarray(gallery_ids).reshape(-1)
-  q, g = similarity.shape if similarity.ndim == 2 else (None, None)
-  if q != len(query_ids) or g != len(gallery_ids):
-    raise ValueError(f'similarity has shape {similarity.shape}, expected ({len(query_ids)}, {len(gallery_ids)}) '
-                     'from query_ids and gallery_ids')
-  if not np.all(np.isfinite(similarity)):
-    raise ValueError(f'similarity has {int((~np.isfinite(similarity)).sum())} non-finite entries')
+  similarity, query_ids, gallery_ids = _checked(similarity, query_ids, gallery_ids)
+  q, g = similarity.shape
   if chunk_size is None:
     chunk_size = max(1, (1 << 23) // max(g, 1))  # ~8M comparisons per chunk
   hits = {1: 0, 5: 0, 10: 0}
@@ -98,13 +105,7 @@ def reference_metrics(similarity, query_ids, gallery_ids) -> dict:
     AP = sum_i (1 / n) * (p_old_i + p_i) / 2,  p_i = (i + 1) / (r_i + 1),  p_old_i = i / r_i (1 when r_i = 0).
   Both are averaged over every query (a query without a positive adds 0, as there).
   """
-  similarity = np.asarray(similarity, np.float32)
-  query_ids = np.asarray(query_ids).reshape(-1)
-  gallery_ids = np.asarray(gallery_ids).reshape(-1)
-  if similarity.shape != (len(query_ids), len(gallery_ids)):
-    raise ValueError(f'similarity has shape {similarity.shape}, expected ({len(query_ids)}, {len(gallery_ids)})')
-  if not np.all(np.isfinite(similarity)):
-    raise ValueError(f'similarity has {int((~np.isfinite(similarity)).sum())} non-finite entries')
+  similarity, query_ids, gallery_ids = _checked(similarity, query_ids, gallery_ids, np.float32)
   hits = {1: 0, 5: 0, 10: 0}
   ap_sum = 0.0
   for q in range(len(query_ids)):

@@ -32,18 +32,19 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   if unit not in SCHEDULE_UNITS:
     raise ValueError(f'optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}')
 
+  def warmup(t):
+    return o.warmup_init_lr + (o.lr - o.warmup_init_lr) * t / max(warm, 1e-9)
+
   def cosine(t):
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + jnp.cos(jnp.pi * jnp.minimum(t, total) / total))
 
   def per_step(step):
     t = jnp.asarray(step, jnp.float32) / steps_per_epoch
-    warm_lr = o.warmup_init_lr + (o.lr - o.warmup_init_lr) * t / max(warm, 1e-9)
-    return jnp.where(t < warm, warm_lr, cosine(t))
+    return jnp.where(t < warm, warmup(t), cosine(t))
 
   def per_epoch(step):
     t = (jnp.asarray(step, jnp.int32) // steps_per_epoch + 1).astype(jnp.float32)
-    warm_lr = o.warmup_init_lr + (o.lr - o.warmup_init_lr) * t / max(warm, 1e-9)
-    return jnp.where(t < warm, warm_lr, jnp.where(t < total, cosine(t), o.min_lr))
+    return jnp.where(t < warm, warmup(t), jnp.where(t < total, cosine(t), o.min_lr))
 
   return per_epoch if unit == 'epoch' else per_step
 

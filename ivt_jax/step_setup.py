@@ -76,6 +76,17 @@ def local_rows(batch: dict) -> dict:
   return {k: v[start:start + per] for k, v in batch.items()}
 
 
+def jit_train_step(encoder, tx, schedule, steps_per_epoch: int, text_lengths: Sequence[int], state_shardings,
+                   mesh: jax.sharding.Mesh):
+  """`step.train_step` jitted as training runs it: the batch split over the mesh, the state donated, the metrics
+  replicated. text_lengths: the levels' positions in the batch's text length (static)."""
+  return jax.jit(
+      functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
+                        steps_per_epoch=steps_per_epoch, text_lengths=tuple(text_lengths)),
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+
+
 class TrainSetup:
   """The jitted training step, its shardings and abstract inputs for a config and mesh (nothing allocated)."""
 
@@ -95,14 +106,9 @@ class TrainSetup:
     self.abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_shardings)
     self.num_params = model_lib.count_params(abstract)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
     self.abstract_batch = abstract_batch(config, batch, mesh)
-    # As train.py: the state is donated, metrics come back replicated.
-    self.step = jax.jit(
-        functools.partial(step_lib.train_step, encoder=self.encoder, tx=self.tx, schedule=schedule,
-                          steps_per_epoch=steps_per_epoch, text_lengths=shapes.level_text_lengths(config)),
-        in_shardings=(self.state_shardings, batch_sharding),
-        out_shardings=(self.state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+    self.step = jit_train_step(self.encoder, self.tx, schedule, steps_per_epoch, shapes.level_text_lengths(config),
+                               self.state_shardings, mesh)
 
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch).compile()

@@ -75,7 +75,7 @@ class _StepsByLength:
   thread goes on (initializing or restoring the state); a step waits only for its own length's program."""
 
   def __init__(self, make_step, abstract_state, config, global_batch: int, mesh):
-    lengths = shapes.text_buckets(config) if jax.process_count() == 1 else (int(config.data.text_length),)
+    lengths = shapes.text_buckets(config, jax.process_count())
     levels = shapes.level_text_lengths(config)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
     self._compiled = {}
@@ -160,11 +160,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                   f'{workdir} (checkpoint of step {latest[0]})')
   target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
-  make_step = lambda text_lengths: jax.jit(
-      functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
-                        steps_per_epoch=steps_per_epoch, text_lengths=text_lengths),
-      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+  make_step = lambda text_lengths: step_setup.jit_train_step(encoder, tx, schedule, steps_per_epoch, text_lengths,
+                                                            state_shardings, mesh)
   # XLA compiles the step in a thread while this one initializes or restores the state.
   train_step = _StepsByLength(make_step, target, config, global_batch, mesh)
   restored = checkpoints.restore_training(manager, target, data_iter)

@@ -41,6 +41,7 @@ from ivt_jax import model as model_lib
 from ivt_jax import optim
 from ivt_jax import pretrained
 from ivt_jax import step as step_lib
+from ivt_jax import step_setup
 from ivt_jax import weight_mapping
 from ivt_jax.tools import reference as reference_lib
 
@@ -48,7 +49,6 @@ SIZES = {
     'small': dict(image_size=(64, 32), stride=16, width=64, depth=2, num_heads=2, vocab_size=1000),
     'vitb': dict(image_size=(384, 128), stride=16, width=768, depth=12, num_heads=12, vocab_size=30522),
 }
-LEVELS = 3
 TOLERANCE = {'embedding': 1e-4, 'loss': 1e-5, 'params': 1e-4}
 
 
@@ -78,18 +78,6 @@ def _relative(a, b) -> float:
   return diff / scale if scale > 0 else diff
 
 
-def make_batch(rng: np.random.Generator, batch: int, images_per_id: int, image_size, text_length: int,
-               vocab_size: int) -> dict[str, np.ndarray]:
-  """A training batch as the input pipeline gives it (B, 3, ...), BMM masks all-kept."""
-  h, w = image_size
-  lengths = rng.integers(max(2, text_length // 4), text_length + 1, size=(batch, LEVELS))
-  lengths[0, 0] = text_length
-  mask = (np.arange(text_length)[None, None] < lengths[..., None]).astype(np.int32)
-  ids = rng.integers(1, vocab_size, size=(batch, LEVELS, text_length)).astype(np.int32) * mask
-  return {'images': rng.integers(0, 256, size=(batch, LEVELS, h, w, 3), dtype=np.uint8), 'text_ids': ids,
-          'text_mask': mask, 'person_id': (np.arange(batch) // images_per_id).astype(np.int32)}
-
-
 def check(repo: str, size_name: str = 'small', batch: int = 4, images_per_id: int = 2, steps: int = 2,
           text_length: int = 32, seed: int = 0, log=print) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
@@ -101,6 +89,7 @@ def check(repo: str, size_name: str = 'small', batch: int = 4, images_per_id: in
                                         width=size['width'], depth=size['depth'], num_heads=size['num_heads'],
                                         vocab_size=size['vocab_size'], drop_path=0.0, text_dropout=0.0)
   config = our_config(size, text_length)
+  config.data.images_per_id = images_per_id
   cfg = model_lib.encoder_config(config)
   module = model_lib.Encoder(cfg)
   fresh = model_lib.init_params(cfg, jax.random.key(seed))
@@ -111,9 +100,9 @@ def check(repo: str, size_name: str = 'small', batch: int = 4, images_per_id: in
                              'torch': torch.__version__}
 
   # 2. Embeddings, evaluation mode.
-  rng = np.random.default_rng(seed)
-  data = make_batch(rng, batch, images_per_id, size['image_size'], text_length, size['vocab_size'])
-  flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in data.items() if k != 'person_id'}
+  # Batches with the pipeline's shapes (step_setup.random_batch); BMM off: every keep mask all-kept.
+  data = step_setup.random_batch(config, batch, seed=seed)
+  flat = jax.device_get(step_lib.flatten_levels(data))  # (3B, ...) pairs, sample-major, as the step makes them
   images = np.asarray(model_lib.normalize_images(flat['images']))  # (3B, H, W, 3) in [-1, 1]
   images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   ids_t = torch.from_numpy(flat['text_ids'].astype(np.int64))
@@ -138,16 +127,13 @@ def check(repo: str, size_name: str = 'small', batch: int = 4, images_per_id: in
   state = step_lib.create_state(params, tx, jax.random.key(seed))
   train_step = jax.jit(lambda s, b: step_lib.train_step(s, b, encoder=module, tx=tx, schedule=schedule,
                                                         steps_per_epoch=1000))
-  n_img = cfg.num_image_tokens
   for i in range(steps):
-    data = make_batch(rng, batch, images_per_id, size['image_size'], text_length, size['vocab_size'])
-    data['image_keep'] = np.ones((batch, LEVELS, n_img), bool)
-    data['text_keep'] = np.ones((batch, LEVELS, text_length), bool)
+    data = step_setup.random_batch(config, batch, seed=seed + 1 + i)
     state, metrics = train_step(state, data)
     # The reference on the same pairs, in the same (sample-major) order: CMPM does not depend on the order.
-    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in data.items() if k != 'person_id'}
+    flat = jax.device_get(step_lib.flatten_levels(data))
     images = np.asarray(model_lib.normalize_images(flat['images'])).transpose(0, 3, 1, 2).copy()
-    pid = torch.from_numpy(np.repeat(data['person_id'], LEVELS).astype(np.int64))
+    pid = torch.from_numpy(np.asarray(flat['person_id'], np.int64))
     optimizer.zero_grad()
     out_vis = encoder(torch.from_numpy(images), mode='vis', use_mask=False)[:, 0]
     out_txt = encoder(torch.from_numpy(flat['text_ids'].astype(np.int64)),
