@@ -14,7 +14,7 @@ is the same as resizing each view). Pad + crop is one zero-filled copy: output p
 resized pixel (y + i - pad, x + j - pad), zero outside, with i, j ~ U{0..2 pad}, as torchvision
 draws them on the padded image. Crop and flip are one copy per view (the flipped crop at column
 offset dx is the crop of the mirrored image at -dx; the mirror is made once per image by PIL).
-Decoding is PIL's full decode (no JPEG draft mode), as the reference.
+Decoding is PIL's full decode (no JPEG draft mode), as the reference, with the rules of input_pipeline.images.
 
 RandomErasing matches timm's parameters: erase with probability p, up to 10 attempts, area
 fraction ~ U(0.02, 1/3), aspect ratio ~ exp(U(log 0.3, log 1/0.3)), h = round(sqrt(area * r)),
@@ -26,12 +26,13 @@ are quantized to the 256 pixel levels. The erased box is otherwise identical.
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Sequence
 
 import numpy as np
 import PIL.Image
+
+from input_pipeline import images
 
 TRAIN_RESAMPLE = PIL.Image.Resampling.BICUBIC  # the reference's T.Resize(..., interpolation=3)
 EVAL_RESAMPLE = PIL.Image.Resampling.BILINEAR  # the reference's T.Resize(...) default
@@ -41,7 +42,11 @@ ERASE_ATTEMPTS = 10
 
 
 def decode_image(data, *, name: str = '') -> PIL.Image.Image:
-  """Encoded PNG/JPEG bytes (or an already decoded uint8 (h, w, 3) array) -> RGB PIL image."""
+  """Encoded image bytes (or an already decoded uint8 (h, w, 3) array) -> RGB PIL image.
+
+  Bytes go through `input_pipeline.images.decode`, the one set of rules (orientation, colour modes,
+  transparency, size limit) that training, evaluation and search share.
+  """
   if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
     if data.shape[-1] != 3:
       raise ValueError(f'image {name!r}: expected 3 channels, got shape {data.shape}')
@@ -50,15 +55,7 @@ def decode_image(data, *, name: str = '') -> PIL.Image.Image:
     data = data.item()
   if isinstance(data, np.bytes_):
     data = bytes(data)
-  if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
-    raise ValueError(f'image {name!r}: expected encoded PNG/JPEG bytes, got {type(data).__name__}'
-                     f'{" (empty)" if isinstance(data, (bytes, bytearray)) else ""}')
-  try:
-    image = PIL.Image.open(io.BytesIO(data))
-    image = image.convert('RGB')  # forces the decode
-  except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f'image {name!r}: cannot decode ({e})') from e
-  return image
+  return images.decode(data, name=name)
 
 
 def resize_image(image: PIL.Image.Image, size: Sequence[int], resample) -> PIL.Image.Image:

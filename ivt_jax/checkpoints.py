@@ -6,7 +6,13 @@ Layouts (each an Orbax CheckpointManager directory of numbered steps):
   <workdir>/best/<step>/{params, meta}                    the parameters with the best validation score
   <dir>/<step>/{params, meta}                             what `ivt_jax.tools.convert` writes
 `restore_params` reads any of the three (for a workdir: best if present, else the latest training state).
+
+Every save puts a checksum of the saved arrays in the meta (ivt_jax/integrity.py) and every restore checks it,
+so bytes changed on disk after the save are found, not trained on. A save that fails (a full disk) stops the
+run with CheckpointSaveError; Orbax finalizes a step only when all of it is written, so the earlier steps stay
+intact and a restart resumes from the newest of them.
 """
+import errno
 import os
 import time
 from typing import Any, Optional
@@ -16,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from ivt_jax import integrity
 
 
 def _abs(path: str) -> str:
@@ -33,16 +41,54 @@ def params_manager(directory: str, max_to_keep: Optional[int] = 1) -> ocp.Checkp
   return ocp.CheckpointManager(_abs(directory), options=options, item_names=('params', 'meta'))
 
 
-def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_iter, meta: dict,
-                  force: bool = False) -> bool:
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data_iter=grain.checkpoint.CheckpointSave(data_iter),
-      meta=ocp.args.JsonSave(meta)), force=force)
-
-
 class CheckpointError(RuntimeError):
   pass
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (a full disk, a lost mount); the earlier ones are intact."""
+
+
+def _save_error(manager: ocp.CheckpointManager, e: BaseException) -> CheckpointSaveError:
+  full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+  steps = manager.all_steps()
+  kept = (f'the checkpoints already saved there (steps {", ".join(map(str, steps))}) are intact; restarting the '
+          f'same command resumes from step {max(steps)}' if steps else 'no earlier checkpoint was saved there')
+  what = 'the disk is full' if full else f'{type(e).__name__}: {e}'
+  return CheckpointSaveError(f'saving a checkpoint in {manager.directory} failed ({what}); {kept}.'
+                             + (' Free some space first.' if full else ''))
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous save; its failure becomes a CheckpointSaveError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (OSError, or tensorstore's errors for the arrays)
+    raise _save_error(manager, e) from e
+
+
+def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_iter, meta: dict,
+                  force: bool = False) -> bool:
+  """Starts an asynchronous save of (state, iterator position, meta + the state's checksums)."""
+  meta = dict(meta, digest=integrity.tree_digest(state))
+  try:  # the error of the previous asynchronous save surfaces here
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta)), force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, e) from e
+
+
+def _changed_arrays(saved_digest: Optional[dict], tree: Any) -> str:
+  """'' if the restored arrays match the saved checksums (or none were saved), else what differs."""
+  if not saved_digest:
+    return ''
+  bad = integrity.changed(saved_digest, tree)
+  if not bad:
+    return ''
+  return (f'its data changed after it was saved: the checksums of {len(bad)} array(s) differ '
+          f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -69,6 +115,10 @@ def restore_training(manager: ocp.CheckpointManager, abstract_state: Any, data_i
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (any failure to read it: try the one before)
       reason = f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+    else:
+      meta = dict(restored.meta or {})
+      reason = _changed_arrays(meta.pop('digest', None), restored.state)
+    if reason:
       damaged.append((step, reason))
       logging.warning('the checkpoint of step %d in %s cannot be restored (%s); trying the one before', step,
                       manager.directory, reason)
@@ -78,7 +128,7 @@ def restore_training(manager: ocp.CheckpointManager, abstract_state: Any, data_i
       logging.warning('resuming from step %d; the damaged checkpoint of step %d was moved to %s', step, bad, where)
     if damaged:
       manager.reload()
-    return restored.state, restored.meta
+    return restored.state, meta
   if damaged:
     raise CheckpointError(f'no checkpoint in {manager.directory} can be restored:\n' +
                           '\n'.join(f'  step {s}: {r}' for s, r in damaged) +
@@ -102,9 +152,13 @@ def save_params(manager: ocp.CheckpointManager, step: int, params: Any, meta: di
   """Saves (replacing an earlier save of the same step, e.g. re-evaluated after a resume)."""
   if step in manager.all_steps():
     manager.delete(step)
-  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                             meta=ocp.args.JsonSave(meta)), force=True)
-  manager.wait_until_finished()
+  meta = dict(meta, digest=integrity.tree_digest(params))
+  try:
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, e) from e
+  wait(manager)
 
 
 def _check_tree(restored: Any, abstract: Any, where: str) -> None:
@@ -140,8 +194,9 @@ def restore_params(path: str, abstract_params: Any, shardings: Any = None) -> tu
       continue
     step = max(steps)
     items = set(os.listdir(os.path.join(directory, str(step)))) & {'params', 'state', 'meta'}
-    handlers = {k: ocp.JsonCheckpointHandler() if k == 'meta' else ocp.StandardCheckpointHandler()
-                for k in items}
+    kinds = {'meta': ocp.JsonCheckpointHandler, 'params': ocp.StandardCheckpointHandler,
+             'state': ocp.PyTreeCheckpointHandler}  # a training state: its params only (a partial restore)
+    handlers = {k: kinds[k]() for k in items}
     manager = ocp.CheckpointManager(directory, item_handlers=handlers)
     if shardings is None:
       shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
@@ -167,6 +222,14 @@ def restore_params(path: str, abstract_params: Any, shardings: Any = None) -> tu
       params = state['params']
     else:
       continue
+    meta = dict(meta or {})
+    saved = meta.pop('digest', None)
+    if saved and 'state' in items:  # a training state's checksums: those of its params
+      prefix = next((p for p in (".params", "['params']") if any(k.startswith(p) for k in saved)), '')
+      saved = {k[len(prefix):]: v for k, v in saved.items() if prefix and k.startswith(prefix)}
+    reason = _changed_arrays(saved, params)
+    if reason:
+      raise CheckpointError(f'{directory}/{step}: {reason}. Restore it from a copy, or use another checkpoint.')
     logging.info('restored parameters from %s step %d', directory, step)
     return params, dict(meta or {}, step=int(step), directory=directory)
   raise FileNotFoundError(f'no Orbax checkpoint with parameters under {path} (looked in '

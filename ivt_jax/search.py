@@ -68,6 +68,9 @@ def search(model: search_model.LoadedModel, index: search_index.Index, texts: Se
   """Per text, the top files of the index by score (dot product of the embeddings; the cosine for the IVT
   head): [[(path, score), ...], ...] best first, ties in path order."""
   search_index.check_identity(index, model)
+  empty = [i for i, t in enumerate(texts) if not str(t).strip()]
+  if empty:
+    raise ValueError(f'query {empty[0] + 1} is empty: a query describes the person to find')
   if len(index.embeddings) == 0:
     return [[] for _ in texts]
   q = search_model.embed_texts(model, texts)
@@ -135,6 +138,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.error(f'--batch must be >= 1, got {args.batch}')
   if args.command == 'query' and args.top < 1:
     parser.error(f'--top must be >= 1, got {args.top}')
+  if args.command == 'query':
+    for i, text in enumerate(args.texts, 1):
+      if not text.strip():
+        parser.error(f'query {i} is empty: a query describes the person to find')
   return args
 
 
@@ -165,6 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   model = search_model.load_model(args.checkpoint or saved['checkpoint'], config, tok_path,
                                   args.tokenizer_kind or (saved['tokenizer']['kind'] if tok_path else ''),
                                   fallback_config=saved['config'])
+  length = int(model.config.data.text_length) - 2
+  for i, pieces in enumerate(model.tokenizer.pieces(args.texts), 1):
+    if len(pieces) > length:
+      _log(f'note: query {i} is {len(pieces)} tokens long; its first {length} are used (data.text_length)')
   results = search(model, index, args.texts, args.top)
   for text, ranked in zip(args.texts, results):
     print(f'query: {text}')

@@ -24,7 +24,11 @@ INDEX_VERSION = 1
 
 
 def list_images(folder: str) -> list[str]:
-  """Absolute paths of the image files under folder (recursive, sorted)."""
+  """Absolute paths of the image files under folder (recursive, sorted).
+
+  Symbolic links to files are listed (and read if they resolve); links to folders are not followed, so a link
+  loop cannot make the walk endless. A folder that cannot be listed is skipped.
+  """
   folder = os.path.abspath(os.path.expanduser(folder))
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'image folder {folder} does not exist')
@@ -37,10 +41,8 @@ def list_images(folder: str) -> list[str]:
 
 def load_image(path: str, image_size: Sequence[int]) -> np.ndarray:
   """A file -> uint8 (H, W, 3) as the evaluation gallery preprocesses it. Raises ValueError/OSError."""
-  from input_pipeline import augment  # pylint: disable=g-import-not-at-top
-  with open(path, 'rb') as f:
-    data = f.read()
-  return augment.eval_image(data, tuple(image_size), name=path)
+  from input_pipeline import augment, images  # pylint: disable=g-import-not-at-top
+  return augment.eval_image(images.read_file(path), tuple(image_size), name=path)
 
 
 def _try_load(path: str, image_size) -> tuple[Optional[np.ndarray], str]:
@@ -50,11 +52,12 @@ def _try_load(path: str, image_size) -> tuple[Optional[np.ndarray], str]:
     return None, f'{type(e).__name__}: {e}'
 
 
-def _stat(path: str) -> Optional[tuple[int, int]]:
+def _stat(path: str) -> tuple[int, int] | str:
+  """(size, mtime_ns), or the reason the file cannot be looked at (a broken link, a link loop, ...)."""
   try:
     st = os.stat(path)
-  except OSError:
-    return None
+  except OSError as e:
+    return f'{type(e).__name__}: {e.strerror or e}'
   return int(st.st_size), int(st.st_mtime_ns)
 
 
@@ -179,8 +182,8 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
   stats: dict[str, tuple[int, int]] = {}
   for p in files:
     st = _stat(p)
-    if st is None:
-      unreadable[p] = {'path': p, 'size': -1, 'mtime_ns': -1, 'error': 'OSError: cannot stat'}
+    if isinstance(st, str):
+      unreadable[p] = {'path': p, 'size': -1, 'mtime_ns': -1, 'error': st}
       rows.pop(p, None)
       continue
     stats[p] = st

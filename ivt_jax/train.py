@@ -229,7 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if preemption.reached():
         check(pending)
         checkpoints.save_training(manager, step, state, data_iter, save_meta(step), force=True)
-        manager.wait_until_finished()
+        checkpoints.wait(manager)
         logging.warning('checkpoint saved at step %d after SIGTERM; exiting.', step)
         return {'preempted_at_step': step}
       if manager.should_save(step) or step == total_steps:
@@ -237,7 +237,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         checkpoints.save_training(manager, step, state, data_iter, save_meta(step))
     if pending is not None:
       check(pending)
-    manager.wait_until_finished()
+    checkpoints.wait(manager)
   finally:
     progress.clear()
     preemption.restore()

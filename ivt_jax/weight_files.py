@@ -11,11 +11,36 @@ import numpy as np
 def read_arrays(path: str, what: str = 'weights') -> tuple[dict[str, np.ndarray], list[str]]:
   """A flat name -> numpy array mapping from a .safetensors, .npz or PyTorch file; plus notes.
 
+  A file with NaN or infinite values in any array is refused (ValueError naming the file and the arrays), so a
+  damaged download never reaches training.
+
   Args:
     path: the file; for BERT also a Hugging Face model folder (model.safetensors or pytorch_model.bin in it).
     what: the config key the path came from, for error messages.
   """
   path = os.path.expanduser(path)
+  arrays, notes = _read(path, what)
+  check_finite(arrays, f'{what}: {path}')
+  return arrays, notes
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
+  """Raises ValueError naming `what` and each array (with its count of NaN and infinite values) that holds any."""
+  bad = []
+  for name, a in arrays.items():
+    a = np.asarray(a)
+    if a.dtype.kind not in 'fc':
+      continue
+    finite = np.isfinite(a)
+    if not finite.all():
+      nan = int(np.isnan(a).sum())
+      bad.append(f'{name} ({nan} NaN, {int(a.size - finite.sum()) - nan} infinite of {a.size})')
+  if bad:
+    shown = ', '.join(bad[:10]) + (f' and {len(bad) - 10} more' if len(bad) > 10 else '')
+    raise ValueError(f'{what}: refused, {len(bad)} array(s) hold NaN or infinite values: {shown}')
+
+
+def _read(path: str, what: str) -> tuple[dict[str, np.ndarray], list[str]]:
   if os.path.isdir(path):
     for name in ('model.safetensors', 'pytorch_model.bin'):
       if os.path.isfile(os.path.join(path, name)):

@@ -39,6 +39,7 @@ of the permutation become 'val' with all their images. The default fraction is 5
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import multiprocessing
@@ -47,6 +48,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from input_pipeline import images
 
 VAL_SEED = 0
 DEFAULT_ICFG_VAL_FRACTION = 0.05
@@ -178,14 +181,21 @@ def find_json(name: str, manual_dir: str) -> str:
 
 
 def check_image(file: str) -> None:
-  """Raises ValueError naming `file` if it is missing or does not decode with PIL."""
+  """Raises ValueError naming `file` if it is missing or is not an image that training would decode: PIL's
+  verify (structure, checksums), then the full decode by `input_pipeline.images` (size limit, modes)."""
   if not os.path.isfile(file):
-    raise ValueError(f'image file {file} does not exist')
+    raise ValueError(f'image file {file} does not exist or is not a regular file')
   try:
-    with Image.open(file) as im:
-      im.verify()  # structure and checksums
-    with Image.open(file) as im:
-      im.load()  # full decode (verify does not decode the pixels)
+    data = images.read_file(file)
+  except OSError as e:
+    raise ValueError(f'image file {file} cannot be read ({type(e).__name__}: {e})') from None
+  try:
+    images.decode(data, name=file)
+  except images.ImageError as e:
+    raise ValueError(f'image file {file} does not decode: {e.reason}') from None
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.verify()  # structure and checksums (a full decode does not check every one)
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...).
     raise ValueError(f'image file {file} does not decode ({type(e).__name__}: {e})') from None
 
@@ -264,7 +274,7 @@ def _validate_fields(fmt: SourceFormat, item: Any, imgs_dir: str) -> tuple[str, 
     raise ValueError(f'unknown split {split!r}; {fmt.title} splits are {"|".join(fmt.splits)}')
   file = os.path.join(imgs_dir, *path.split('/'))
   if not os.path.isfile(file):
-    raise ValueError(f'image file {file} does not exist')
+    raise ValueError(f'image file {file} does not exist or is not a regular file')
   return path, file, pid, tuple(captions), split
 
 
@@ -331,9 +341,11 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
   json_file = find_json(name, manual_dir)
   imgs_dir = os.path.join(os.path.dirname(json_file), 'imgs')
   try:
-    with open(json_file, encoding='utf-8') as f:
+    with open(json_file, encoding='utf-8-sig') as f:  # UTF-8, with or without the byte-order mark
       items = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except UnicodeDecodeError as e:
+    raise RecordError(f'{json_file}: not UTF-8 text ({e}); json files are read as UTF-8.') from None
+  except json.JSONDecodeError as e:
     raise RecordError(f'{json_file}: not valid json ({e}).') from None
   if not isinstance(items, list):
     keys = f' with keys {sorted(items)[:5]}' if isinstance(items, dict) else ''
