@@ -311,6 +311,10 @@ def train_batches(config, source, tokenizer, *, seed: int, shard_index: int | No
   return ds
 
 
+class InputPipelineError(RuntimeError):
+  """Producing a training batch failed (a record that does not read, a Grain worker process that died)."""
+
+
 class TrainIterator(grain.DatasetIterator):
   """Checkpointable iterator over training batches, from any step, with any worker count.
 
@@ -349,7 +353,19 @@ class TrainIterator(grain.DatasetIterator):
     return self._it
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._inner())
+    try:
+      batch = next(self._inner())
+    except StopIteration:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (said once, with the batch and the workers)
+      self._stop()  # the next call starts afresh at this batch
+      where = (f'in one of its {self._workers} Grain worker processes' if self._workers
+               else 'in the training process (data.worker_count=0)')
+      died = 'terminated unexpectedly' in str(e)
+      hint = (' A worker process that dies was killed from outside or ran out of memory: lower '
+              'data.worker_count or data.worker_buffer_size.' if died else '')
+      raise InputPipelineError(f'the input pipeline failed {where}, at or before training batch {self._next}: '
+                               f'{type(e).__name__}: {str(e).rstrip(". ")}.{hint}') from e
     self._next += 1
     return batch
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from input_pipeline import paths
 from input_pipeline.datasets import BAD_RECORDS_FILE
 from input_pipeline.datasets import cuhk_pedes  # pylint: disable=unused-import (registers the builder)
 from input_pipeline.datasets import decode_json_list
@@ -51,7 +52,7 @@ class PreparedData:
 
 
 def _expand(path: str) -> str:
-  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+  return paths.local(path, 'data path')
 
 
 def data_dir_of(config, workdir: str) -> str:

@@ -23,11 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from input_pipeline import paths
 from ivt_jax import integrity
 
 
 def _abs(path: str) -> str:
-  return os.path.abspath(os.path.expanduser(path))
+  return paths.local(path, 'checkpoint directory')
 
 
 def training_manager(workdir: str, *, save_every: int, max_to_keep: int) -> ocp.CheckpointManager:

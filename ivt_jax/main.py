@@ -60,13 +60,15 @@ def main(argv):
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  from input_pipeline import paths
+  from input_pipeline import pipeline
   from ivt_jax import checkpoints
   from ivt_jax import run_guard
   from ivt_jax import train
   try:
     train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
-  except (run_guard.RunLockedError, run_guard.ConfigChangedError,
-          checkpoints.CheckpointError) as e:  # said in full: no traceback needed
+  except (run_guard.RunLockedError, run_guard.ConfigChangedError, checkpoints.CheckpointError,
+          pipeline.InputPipelineError, paths.UnsupportedPathError) as e:  # said in full: no traceback needed
     print(f'error: {e}', file=sys.stderr)
     return 1
 

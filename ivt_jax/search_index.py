@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from input_pipeline import paths
 from ivt_jax import search_model
 
 
@@ -29,7 +30,7 @@ def list_images(folder: str) -> list[str]:
   Symbolic links to files are listed (and read if they resolve); links to folders are not followed, so a link
   loop cannot make the walk endless. A folder that cannot be listed is skipped.
   """
-  folder = os.path.abspath(os.path.expanduser(folder))
+  folder = paths.local(folder, 'image folder')
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'image folder {folder} does not exist')
   out = []
@@ -78,7 +79,7 @@ class Index:
 
 def load_index(directory: str) -> Index:
   """Reads INDEX/manifest.json and its embeddings; checks they agree."""
-  directory = os.path.abspath(os.path.expanduser(directory))
+  directory = paths.local(directory, 'index directory')
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{directory} is not an index (no {MANIFEST}); build one with '
@@ -158,8 +159,8 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
     seconds).
   """
   t0 = time.time()
-  root = os.path.abspath(os.path.expanduser(images_dir))
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  root = paths.local(images_dir, 'image folder')
+  out_dir = paths.local(out_dir, 'index directory')
   files = list_images(root)
   batch_size = search_model.round_up(max(1, int(batch_size)), model.mesh.size)
   rows: dict[str, tuple[dict, np.ndarray]] = {}

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from input_pipeline import paths
+
 
 EXECUTION_ONLY_MODEL_KEYS = ('attention', 'remat')
 
@@ -46,7 +48,7 @@ class LoadedModel:
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """get_config() of a config file (configs/*.py)."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.local(path, 'config file')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file {path} does not exist')
   spec = importlib.util.spec_from_file_location(f'_ivt_search_config_{abs(hash(path))}', path)
@@ -76,7 +78,7 @@ def read_checkpoint_meta(checkpoint: str) -> dict:
   Returns the meta with 'directory' and 'step' added.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.path.expanduser(checkpoint))
+  path = paths.local(checkpoint, 'checkpoint')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'checkpoint directory {path} does not exist')
   for directory in _checkpoint_dirs(path):
@@ -196,7 +198,7 @@ def load_model(checkpoint: str, config: Optional[ml_collections.ConfigDict] = No
   from ivt_jax import heads  # pylint: disable=g-import-not-at-top
   from ivt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from ivt_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
+  checkpoint = paths.local(checkpoint, 'checkpoint')
   meta = read_checkpoint_meta(checkpoint)
   if config is None:
     saved = meta.get('config') or fallback_config

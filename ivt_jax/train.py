@@ -20,6 +20,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
+from input_pipeline import paths
 from input_pipeline import shapes
 from ivt_jax import checkpoints
 from ivt_jax import console
@@ -107,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the experiment; returns the final metrics dict (also in <workdir>/metrics.json).
 
   One run per workdir: process 0 holds the workdir's lock for the whole run (ivt_jax.run_guard)."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.local(workdir, 'workdir')
   os.makedirs(workdir, exist_ok=True)
   lock = run_guard.WorkdirLock(workdir)
   if jax.process_index() == 0:
@@ -199,6 +200,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                            f'(latest saved step: {manager.latest_step()})')
     return m
 
+  logging.info('training from step %d to step %d', step, total_steps)
   try:
     while step < total_steps:
       state, m = train_step(state, next(data_iter))
@@ -220,6 +222,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if has_val and (step % eval_every == 0 or step == total_steps):
         check(pending)
         progress.clear()
+        logging.info('step %d: evaluating on val', step)
         val, *_ = run_eval(state.params, 'val')
         writer.write_scalars(step, {f'val/{k}': v for k, v in val.items()})
         logging.info('step %d val: %s', step, _metrics_line(val))
@@ -247,6 +250,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   params = state.params
   if has_val and best_manager.latest_step() is not None:
     params, _ = checkpoints.restore_params(os.path.join(workdir, 'best'), abstract, shardings)
+  logging.info('evaluating on test')
   test, emb, sim, source = run_eval(params, 'test')
   writer.write_scalars(total_steps, {f'test/{k}': v for k, v in test.items()})
   writer.flush()

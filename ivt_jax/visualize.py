@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from input_pipeline import paths
+
 HIT, MISS = (40, 170, 60), (210, 50, 40)
 NEUTRAL = (150, 150, 150)
 MISSING = (225, 225, 225)
@@ -184,7 +186,7 @@ def attention_figure(image: np.ndarray, panels: Sequence[tuple[str, Optional[np.
 
 def save_png(image: Image.Image, path: str) -> str:
   """Saves a PIL image as PNG (folders created); returns the absolute path."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.local(path, 'picture')
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   image.save(path, format='PNG')
   return path

@@ -2,6 +2,9 @@
 import io
 import json
 import math
+import os
+import signal
+import time
 
 from absl import flags
 import grain
@@ -427,6 +430,39 @@ def test_worker_processes_match_in_process_and_resume():
   resumed = pipeline.train_iterator(make_config(), SOURCE, CharTokenizer(), **kw)
   resumed.set_state(state)                # and an in-process iterator resumes the 2-worker run
   assert_batches_equal(take(resumed, 1), reference[4:])
+
+
+def _fails_at_5(i):  # module level: spawned worker processes import it
+  if i == 5:
+    if os.environ.get('IVT_TEST_WORKER_DIES'):
+      os.kill(os.getpid(), signal.SIGKILL)
+    raise ValueError('record 5 is broken')
+  return i
+
+
+@pytest.mark.slow  # spawned worker processes: about 15 s on 2 cores
+@pytest.mark.parametrize('dies', [False, True], ids=['raises', 'killed'])
+def test_a_failing_or_dying_grain_worker_is_a_clear_error_not_a_hang(dies, monkeypatch):
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  if dies:
+    monkeypatch.setenv('IVT_TEST_WORKER_DIES', '1')  # inherited by the workers
+  batches = grain.MapDataset.range(20).map(_fails_at_5)
+  it = pipeline.TrainIterator(batches, worker_count=2, worker_buffer_size=1, check={})
+  start = time.time()
+  try:
+    with pytest.raises(pipeline.InputPipelineError) as e:
+      for _ in range(20):
+        next(it)
+  finally:
+    it.close()
+  assert time.time() - start < 120
+  msg = str(e.value)
+  assert 'in one of its 2 Grain worker processes, at or before training batch' in msg
+  if dies:
+    assert 'terminated unexpectedly' in msg and 'lower data.worker_count' in msg
+  else:
+    assert 'ValueError: record 5 is broken' in msg and 'batch 5' in msg
 
 
 def test_state_mismatch_is_refused():

@@ -33,6 +33,7 @@ import ml_collections
 from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
+from input_pipeline import paths
 from ivt_jax import checkpoints
 from ivt_jax import heads
 from ivt_jax import model as model_lib
@@ -68,7 +69,7 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, overwrite: bool = F
   """Builds the model's parameters from `config`, loads config.init.*, writes <out_dir>/0/{params, meta}."""
   if not any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
     raise ValueError('nothing to convert: set config.init.vit_npz, config.init.bert and/or config.init.ivt')
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  out_dir = paths.local(out_dir, '--out')
   existing = sorted(ocp.utils.checkpoint_steps(out_dir)) if os.path.isdir(out_dir) else []
   if existing and not overwrite:
     raise FileExistsError(f'--out {out_dir} already holds a checkpoint (steps {existing}); pass --overwrite '
