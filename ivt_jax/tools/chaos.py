@@ -1,7 +1,7 @@
 """The chaos check: kill the training program with SIGKILL in every phase, restart it, and get the same results.
 
-  python -m ivt_jax.tools.chaos --workdir=DIR [--kills=21] [--seed=0] [--config=configs/demo.py]
-      [--size=tiny|demo] [--set=key=value ...]
+  python -m ivt_jax.tools.chaos --workdir=DIR [--kills=21] [--phases=draw,prepare,...] [--seed=0]
+      [--config=configs/demo.py] [--size=tiny|demo] [--set=key=value ...]
 
 First a reference run, never interrupted: `python -m ivt_jax.main --config=CONFIG --workdir=DIR/reference` with
 the size's overrides. Then episodes, each in a fresh workdir (DIR/episode_N) with the very same command: the
@@ -16,7 +16,7 @@ runs) at a random moment inside a chosen phase, then starts it again, one phase 
   eval        the validation evaluation
   best        the best parameters being saved
 
-A phase the run does not reach is skipped. After the last kill the run goes to the end, and its results must be
+(--phases picks some of them, in this order.) A phase the run does not reach ends the episode there. After the last kill the run goes to the end, and its results must be
 bit-identical to the reference's: the test metrics, the best validation metrics and step (metrics.json), and the
 checksums of the best parameters and of the final training state (every array, bit for bit: ivt_jax/integrity.py).
 Episodes follow until --kills kills were made. The tool prints a table (kills per phase, restarts, results equal)
@@ -68,11 +68,16 @@ def phase(workdir: str, log: str) -> Optional[str]:
   if _unfinished_step(os.path.join(workdir, 'checkpoints')):
     return 'checkpoint'
   synth = os.path.join(workdir, 'synthpedes')
-  if os.path.isdir(synth) and not os.path.exists(os.path.join(synth, 'synthpedes.json')):
-    return 'draw'
-  if os.path.exists(os.path.join(synth, 'synthpedes.json')) and not glob.glob(
-      os.path.join(workdir, 'tfds', '*', 'prepared.json')):
-    return 'prepare'
+  if os.path.isdir(synth):
+    try:  # written first with complete=false, replaced atomically with complete=true at the end
+      with open(os.path.join(synth, 'synthpedes.json')) as f:
+        complete = bool(json.load(f).get('complete'))
+    except (OSError, ValueError):
+      complete = False
+    if not complete:
+      return 'draw'
+    if not glob.glob(os.path.join(workdir, 'tfds', '*', 'prepared.json')):
+      return 'prepare'
   if 'evaluating on test' in log:
     return None
   if log.rfind('evaluating on val') > log.rfind(' val: '):  # started, its result not yet logged
@@ -115,8 +120,10 @@ def attempt(cmd: Sequence[str], workdir: str, log_path: str, target: Optional[st
       with open(log_path, errors='replace') as f:
         now = phase(workdir, f.read())
       if now == target and kill_at is None:
-        # Short phases (a checkpoint write, the best save) are killed at once; longer ones at a random point.
-        kill_at = time.time() + (0.0 if target in ('checkpoint', 'best') else rng.uniform(0.0, 1.5))
+        # At a random point: up to 1.5 s into the long phases, at once in the short ones (a checkpoint write,
+        # the best save), early in those that last a few seconds on a small config.
+        span = {'compile': 1.5, 'train': 1.5, 'prepare': 0.5, 'draw': 0.2, 'eval': 0.2}.get(target, 0.0)
+        kill_at = time.time() + rng.uniform(0.0, span)
       if kill_at is not None and time.time() >= kill_at:
         with open(log_path, errors='replace') as f:
           at = phase(workdir, f.read())
@@ -167,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     cmd = command(args.config, ep_dir, overrides)
     ep = {'episode': n, 'kills': [], 'missed': [], 'attempts': 0}
     status = 'killed'
-    for target in PHASES:
+    for target in args.phases:
       if len(kills) >= args.kills:
         break
       ep['attempts'] += 1
@@ -193,6 +200,9 @@ def run(args: argparse.Namespace) -> dict:
       ep['identical'] = got == reference
       if not ep['identical']:
         ep['differences'] = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
+    if not ep['kills'] and 'error' not in ep:
+      ep['error'] = (f'phase {ep["missed"][0]!r} was never seen before the run ended: nothing to kill in it '
+                     '(see --phases)')
     episodes.append(ep)
     print(f'episode {n}: {len(ep["kills"])} kills, {ep["attempts"]} starts, '
           + ('results bit-identical to the reference' if ep.get('identical') else
@@ -222,7 +232,8 @@ def table(summary: dict) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m ivt_jax.tools.chaos', description=__doc__.split('\n')[0])
   p.add_argument('--workdir', required=True)
-  p.add_argument('--kills', type=int, default=21, help='SIGKILLs in all (7 phases per episode)')
+  p.add_argument('--kills', type=int, default=21, help='SIGKILLs in all (one per phase per episode)')
+  p.add_argument('--phases', default=','.join(PHASES), help='the phases to kill in, comma-separated')
   p.add_argument('--seed', type=int, default=0, help='the runs\' seed and the kill moments\'')
   p.add_argument('--config', default='configs/demo.py')
   p.add_argument('--size', choices=('tiny', 'demo'), default='tiny')
@@ -232,6 +243,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.kills < 1:
     p.error(f'--kills must be >= 1, got {args.kills}')
+  phases = [x.strip() for x in args.phases.split(',') if x.strip()]
+  unknown = sorted(set(phases) - set(PHASES))
+  if unknown or not phases:
+    p.error(f'--phases: unknown {unknown}; the phases are {",".join(PHASES)}')
+  args.phases = [x for x in PHASES if x in phases]
   return args
 
 
