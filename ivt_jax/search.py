@@ -165,13 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           'unreadable)')
     return 0
   index = search_index.load_index(args.index)
-  saved = index.manifest['model']
-  tok_path = args.tokenizer
-  if not tok_path and not args.config and os.path.isfile(saved['tokenizer'].get('path', '')):
-    tok_path = saved['tokenizer']['path']
-  model = search_model.load_model(args.checkpoint or saved['checkpoint'], config, tok_path,
-                                  args.tokenizer_kind or (saved['tokenizer']['kind'] if tok_path else ''),
-                                  fallback_config=saved['config'])
+  model = search_index.model_for_index(index, args.checkpoint, args.config, args.tokenizer, args.tokenizer_kind)
   length = int(model.config.data.text_length) - 2
   for i, pieces in enumerate(model.tokenizer.pieces(args.texts), 1):
     if len(pieces) > length:

@@ -97,6 +97,19 @@ def load_index(directory: str) -> Index:
   return Index(directory, manifest, embeddings)
 
 
+def model_for_index(index: Index, checkpoint: str = '', config: Optional[str] = None, tokenizer: str = '',
+                    tokenizer_kind: str = '') -> search_model.LoadedModel:
+  """The model to query `index` with: the checkpoint (default: the one that built it), the config file and the
+  tokenizer given, else those saved in the index when they are still there."""
+  saved = index.manifest['model']
+  loaded_config = search_model.load_config_file(config) if config else None
+  if not tokenizer and not config and os.path.isfile(saved['tokenizer'].get('path', '')):
+    tokenizer = saved['tokenizer']['path']
+  return search_model.load_model(checkpoint or saved['checkpoint'], loaded_config, tokenizer,
+                                 tokenizer_kind or (saved['tokenizer']['kind'] if tokenizer else ''),
+                                 fallback_config=saved['config'])
+
+
 def check_identity(index: Index, model: search_model.LoadedModel) -> None:
   """Raises IdentityMismatchError (naming what differs) unless the index was built by this model."""
   want, got = index.manifest['identity'], model.identity

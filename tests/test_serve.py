@@ -1,0 +1,330 @@
+"""The search server: its API against the search CLI's ranking, the safety rules (loopback and tokens, files by
+row only, limits), micro-batching, picking up a rebuilt index, a small load test, and the page in a real
+headless Chromium (Debian's chromium and chromium-driver, driven by Selenium)."""
+import concurrent.futures
+import os
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ivt_jax import search
+from ivt_jax import serve
+from ivt_jax import serve_state
+from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
+
+CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
+
+
+@pytest.fixture(scope='module')
+def folder(tiny_run, tmp_path_factory):  # noqa: F811
+  source = os.path.join(tiny_run[1].data.manual_dir, 'imgs', 'test')
+  out = tmp_path_factory.mktemp('people')
+  for f in sorted(os.listdir(source)):
+    shutil.copy(os.path.join(source, f), out / f)
+  return out
+
+
+@pytest.fixture(scope='module')
+def index_dir(tiny_model, folder, tmp_path_factory):  # noqa: F811
+  out = str(tmp_path_factory.mktemp('index'))
+  search.build_index(tiny_model, str(folder), out, log=lambda _: None)
+  return out
+
+
+@pytest.fixture(scope='module')
+def holder(tiny_model, index_dir):  # noqa: F811
+  return serve_state.IndexHolder(index_dir, tiny_model, check_every_s=0.0, log=lambda _: None)
+
+
+@pytest.fixture(scope='module')
+def client(holder):
+  from fastapi.testclient import TestClient
+  with TestClient(serve.create_app(holder)) as c:
+    yield c
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class LiveServer:
+  """uvicorn serving an app in a thread on 127.0.0.1."""
+
+  def __init__(self, app):
+    import uvicorn
+    self.port = _free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    self.server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=self.port, log_level='warning'))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.thread.start()
+    deadline = time.time() + 30
+    while not self.server.started:
+      assert time.time() < deadline, 'the server did not start'
+      time.sleep(0.05)
+
+  def stop(self):
+    self.server.should_exit = True
+    self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope='module')
+def live(holder):
+  server = LiveServer(serve.create_app(holder))
+  yield server
+  server.stop()
+
+
+# ---- the API ---------------------------------------------------------------------------------------------------
+
+
+def test_search_matches_the_search_command(client, tiny_model, index_dir):  # noqa: F811
+  q = 'a man in a black jacket and blue jeans'
+  page = client.get('/api/search', params={'q': q, 'k': 5}).json()
+  index = search.load_index(index_dir)
+  expected = search.search(tiny_model, index, [q], top=8)[0]
+  assert page['total'] == len(index.paths) and page['query'] == q
+  got = [(index.paths[r['id']], r['score']) for r in page['results']]
+  assert [p for p, _ in got] == [p for p, _ in expected[:5]]
+  np.testing.assert_allclose([s for _, s in got], [s for _, s in expected[:5]], atol=1e-5)
+  assert [r['rank'] for r in page['results']] == [1, 2, 3, 4, 5]
+  nxt = client.get('/api/search', params={'q': q, 'k': 3, 'offset': 5}).json()
+  assert [index.paths[r['id']] for r in nxt['results']] == [p for p, _ in expected[5:8]]
+  assert [r['rank'] for r in nxt['results']] == [6, 7, 8]
+
+
+def test_similar_image_and_match(client, index_dir):
+  index = search.load_index(index_dir)
+  page = client.get('/api/similar', params={'id': 3, 'k': 4}).json()
+  scores = index.embeddings @ index.embeddings[3]
+  scores[3] = -np.inf
+  assert [r['id'] for r in page['results']] == list(np.argsort(-scores, kind='stable')[:4])
+  r = client.get('/api/image/3')
+  assert r.status_code == 200 and r.headers['content-type'] == 'image/png'
+  with open(index.paths[3], 'rb') as f:
+    assert r.content == f.read()
+  r = client.get('/api/match/3', params={'q': 'black backpack'})
+  assert r.status_code == 200 and r.headers['content-type'] == 'image/png'
+  assert Image.open(__import__('io').BytesIO(r.content)).size[0] > 100
+  info = client.get('/api/info').json()
+  assert info['images'] == len(index.paths) and info['limits']['max_k'] == 200
+  assert client.get('/').status_code == 200 and 'id="q"' in client.get('/').text
+  assert client.get('/openapi.json').json()['paths']['/api/search']
+
+
+# ---- safety ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('path', [
+    '/api/image/..%2F..%2Fetc%2Fpasswd', '/api/image/%2Fetc%2Fpasswd', '/api/image/../../etc/passwd',
+    '/api/image/%252e%252e%252fetc%252fpasswd', '/api/image/-1', '/api/image/999999', '/api/image/1e3',
+    '/api/image/0x1', '/api/image/3%00.png', '/static/../../../../etc/passwd', '/static/%2e%2e/%2e%2e/etc/passwd',
+    '/api/match/-1?q=x', '/api/similar?id=-5',
+], ids=lambda p: p)
+def test_no_path_from_a_client_is_opened(client, path):
+  r = client.get(path)
+  assert 400 <= r.status_code < 500, (path, r.status_code)
+  assert b'root:' not in r.content
+
+
+def test_a_symlink_leaving_the_indexed_folders_is_not_sent(tiny_model, folder, tmp_path):  # noqa: F811
+  from fastapi.testclient import TestClient
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  secret = outside / 'secret.png'
+  shutil.copy(sorted(folder.iterdir())[0], secret)
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  shutil.copy(sorted(folder.iterdir())[1], photos / 'inside.png')
+  (photos / 'escape.png').symlink_to(secret)
+  (photos / 'also_inside.png').symlink_to(photos / 'inside.png')
+  out = str(tmp_path / 'index')
+  search.build_index(tiny_model, str(photos), out, log=lambda _: None)
+  holder = serve_state.IndexHolder(out, tiny_model, log=lambda _: None)
+  paths = search.load_index(out).paths
+  with TestClient(serve.create_app(holder)) as c:
+    r = c.get(f'/api/image/{paths.index(str(photos / "escape.png"))}')
+    assert r.status_code == 403 and 'outside the indexed folders' in r.json()['detail']
+    assert c.get(f'/api/image/{paths.index(str(photos / "also_inside.png"))}').status_code == 200
+
+
+def test_another_address_needs_a_token(monkeypatch, capsys):
+  monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
+  with pytest.raises(SystemExit):
+    serve.parse_args(['--index=x', '--host=0.0.0.0'])
+  assert 'give a token' in capsys.readouterr().err
+  assert serve.parse_args(['--index=x', '--host=0.0.0.0', '--token=s3cret']).token == 's3cret'
+  monkeypatch.setenv(serve.TOKEN_ENV, 'from-env')
+  assert serve.parse_args(['--index=x', '--host=192.168.1.5']).token == 'from-env'
+  assert serve.parse_args(['--index=x']).host == '127.0.0.1'
+  assert serve.is_loopback('::1') and serve.is_loopback('localhost') and not serve.is_loopback('10.0.0.1')
+
+
+def test_token_required_on_every_request(holder):
+  from fastapi.testclient import TestClient
+  with TestClient(serve.create_app(holder, token='s3cret')) as c:
+    for path in ('/', '/api/info', '/api/image/0', '/api/search?q=a+man', '/static/app.js', '/openapi.json'):
+      assert c.get(path).status_code == 401, path
+    assert c.get('/api/info', headers={'Authorization': 'Bearer wrong'}).status_code == 401
+    assert c.get('/api/info', headers={'Authorization': 'Bearer s3cret'}).status_code == 200
+    assert c.get('/?token=s3cret').status_code == 200  # the page opened once with the token sets a cookie
+    assert c.get('/api/image/0').status_code == 200
+
+
+def test_limits_answer_4xx_and_never_reach_the_model(client, holder):
+  from ivt_jax import serve as serve_lib
+  before = client.app.state.batcher.queries
+  cases = [
+      ({'q': 'x' * 1001}, 422, 'longer than 1000'), ({'q': '   '}, 422, 'empty query'),
+      ({'q': 'a man', 'k': 0}, 422, 'k must be 1..200'), ({'q': 'a man', 'k': 201}, 422, 'k must be'),
+      ({'q': 'a man', 'offset': -1}, 422, 'offset must be'), ({'q': 'a man', 'k': 'ten'}, 422, ''),
+      ({}, 422, ''),
+  ]
+  for params, status, text in cases:
+    r = client.get('/api/search', params=params)
+    assert r.status_code == status and text in r.text, (params, r.status_code, r.text)
+  r = client.post('/api/search', content=b'x' * 20000)
+  assert r.status_code == 413
+  r = client.get('/api/search', params={'q': 'a' * 20000})
+  assert r.status_code == 413
+  assert client.app.state.batcher.queries == before
+  assert serve_lib.Limits().max_request_bytes == 16384
+
+
+def test_busy_when_too_much_waits(holder):
+  from fastapi.testclient import TestClient
+  gate = threading.Event()
+  app = serve.create_app(holder, limits=serve.Limits(max_pending=2, max_batch=1))
+  real = app.state.batcher._embed
+  app.state.batcher._embed = lambda texts: (gate.wait(30), real(texts))[1]
+  with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(6) as pool:
+    futures = [pool.submit(c.get, '/api/search', params={'q': f'a man {i}'}) for i in range(6)]
+    time.sleep(1.0)
+    gate.set()
+    codes = sorted(f.result().status_code for f in futures)
+  assert codes.count(503) >= 1 and codes.count(200) >= 2, codes
+  busy = next(f.result() for f in futures if f.result().status_code == 503)
+  assert 'busy' in busy.json()['detail']
+
+
+# ---- under load, and while the index changes -------------------------------------------------------------------
+
+
+def test_concurrent_queries_are_embedded_together(live, tiny_model):  # noqa: F811
+  import httpx
+  texts = [f'a person in a {c} coat' for c in ('red', 'blue', 'green', 'black', 'white', 'grey', 'pink', 'brown')]
+  texts = texts * 2
+  batcher_before = (live.server.config.app.state.batcher.calls, live.server.config.app.state.batcher.queries)
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    pages = list(pool.map(lambda t: httpx.get(f'{live.url}/api/search', params={'q': t, 'k': 3}).json(), texts))
+  calls = live.server.config.app.state.batcher.calls - batcher_before[0]
+  queries = live.server.config.app.state.batcher.queries - batcher_before[1]
+  assert queries == 16 and calls < 16, (calls, queries)
+  for t, p in zip(texts, pages):
+    single = httpx.get(f'{live.url}/api/search', params={'q': t, 'k': 3}).json()
+    assert [r['id'] for r in p['results']] == [r['id'] for r in single['results']]
+
+
+def test_small_load_test(live):
+  from ivt_jax.tools import load_test
+  r = load_test.run(live.url, clients=4, queries=10, timeout_s=300)
+  assert r['errors'] == 0 and r['ok'] == 40 and r['p50_ms'] <= r['p95_ms'] <= r['p99_ms'] <= r['max_ms']
+  assert '| 4 x 10 |' in load_test.table(r)
+
+
+def test_index_updated_while_serving(tiny_model, folder, tmp_path):  # noqa: F811
+  import httpx
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  files = sorted(folder.iterdir())
+  for f in files[:3]:
+    shutil.copy(f, photos / f.name)
+  out = str(tmp_path / 'index')
+  search.build_index(tiny_model, str(photos), out, log=lambda _: None)
+  holder = serve_state.IndexHolder(out, tiny_model, check_every_s=0.05, log=lambda _: None)
+  server = LiveServer(serve.create_app(holder))
+  failures, counts, stop = [], set(), threading.Event()
+
+  def poll():
+    while not stop.is_set():
+      r = httpx.get(f'{server.url}/api/search', params={'q': 'a man', 'k': 50})
+      if r.status_code != 200:
+        failures.append(r.text)
+        continue
+      page = r.json()
+      counts.add(page['total'])
+      if len(page['results']) != min(50, page['total']):
+        failures.append(f'{len(page["results"])} results of {page["total"]}')
+  try:
+    assert httpx.get(f'{server.url}/api/search', params={'q': 'a man'}).json()['total'] == 3
+    thread = threading.Thread(target=poll)
+    thread.start()
+    for f in files[3:]:  # grows the index while it is queried
+      shutil.copy(f, photos / f.name)
+    search.build_index(tiny_model, str(photos), out, log=lambda _: None, save_every=2)
+    deadline = time.time() + 10
+    while httpx.get(f'{server.url}/api/info').json()['images'] != len(files):
+      assert time.time() < deadline, 'the new index was not picked up'
+      time.sleep(0.05)
+    stop.set()
+    thread.join()
+  finally:
+    stop.set()
+    server.stop()
+  assert not failures, failures[:3]
+  assert len(files) in counts and holder.reloads >= 1 and counts <= {3, 5, 7, 9, 11, len(files)}
+
+
+# ---- the page in a browser -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason='needs Debian\'s chromium and chromium-driver (installed by .ci/run)')
+def test_the_page_in_headless_chromium(live, tmp_path):
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import Select, WebDriverWait
+  options = webdriver.ChromeOptions()
+  for a in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--window-size=1200,900'):
+    options.add_argument(a)
+  options.binary_location = CHROMIUM
+  driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+  wait = WebDriverWait(driver, 60)
+  cards = lambda: driver.find_elements(By.CSS_SELECTOR, '#grid .card')
+  try:
+    driver.get(live.url + '/')
+    Select(driver.find_element(By.ID, 'k')).select_by_visible_text('10')
+    driver.find_element(By.ID, 'q').send_keys('a woman in a red coat with a black backpack\n')
+    wait.until(lambda d: len(cards()) == 10)
+    first_page = [c.get_attribute('data-id') for c in cards()]
+    assert cards()[0].find_element(By.CLASS_NAME, 'rank').text == '#1'
+    assert 'results 1–10 of' in driver.find_element(By.ID, 'status').text
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+    driver.save_screenshot(str(tmp_path / 'page.png'))
+    cards()[0].click()  # the viewer: the image large, its match map, "more like this"
+    wait.until(lambda d: d.find_element(By.ID, 'viewer').is_displayed())
+    wait.until(lambda d: d.execute_script("const i = document.getElementById('viewer-match');"
+                                          "return i.complete && i.naturalWidth > 0"))
+    driver.find_element(By.ID, 'close').click()
+    driver.find_element(By.ID, 'next').click()
+    wait.until(lambda d: 'results 11–' in d.find_element(By.ID, 'status').text)
+    assert cards()[0].find_element(By.CLASS_NAME, 'rank').text == '#11'
+    assert not set(first_page) & {c.get_attribute('data-id') for c in cards()}
+    cards()[0].click()
+    wait.until(lambda d: d.find_element(By.ID, 'more').is_displayed())
+    driver.find_element(By.ID, 'more').click()
+    wait.until(lambda d: 'images like #' in d.find_element(By.ID, 'status').text and len(cards()) == 10)
+    assert all(c.find_element(By.CLASS_NAME, 'rank').text != '' for c in cards())
+    driver.find_element(By.ID, 'q').clear()
+    driver.find_element(By.ID, 'q').send_keys('x' * 1000 + 'y\n')  # maxlength keeps 1000; the server's limit
+    wait.until(lambda d: 'results 1–10' in d.find_element(By.ID, 'status').text)
+  finally:
+    driver.quit()
