@@ -1,6 +1,7 @@
 """A search page and JSON API over an image index: type a description, see the people.
 
   python -m ivt_jax.serve --index=DIR [--checkpoint=...] [--host=127.0.0.1] [--port=8000] [--token=...]
+      [--approximate=hnsw]
 
 The page (/) has a text box and shows the results as a grid (rank, score, file name) with paging; clicking an
 image shows it large beside the query's text-match map (ivt_jax.attention_maps) and offers "more like this".
@@ -17,7 +18,8 @@ every request must carry (`Authorization: Bearer TOKEN`, or open the page once a
 cookie). Files are named by row number only and sent only when they are in the index and resolve inside the
 indexed folders. Query length, k, offset, request size and waiting work are limited, each with a clear 4xx/503.
 The index may be rebuilt or updated while serving (`python -m ivt_jax.search index ...`): the new one is picked
-up within a second (ivt_jax/serve_state.py).
+up within a second (ivt_jax/serve_state.py). Search is exact (every embedding scored) unless
+--approximate=hnsw asks for a faiss HNSW graph (ivt_jax/serve_ann.py) for galleries of millions.
 """
 from __future__ import annotations
 
@@ -140,7 +142,8 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
       raise fastapi.HTTPException(503, f'busy: {e}; try again shortly') from None
     return await asyncio.wrap_future(future)
 
-  def page(index, pairs, k, offset, **extra):
+  def page(snap, pairs, k, offset, **extra):
+    index = snap.index
     roots = index.manifest.get('roots', [])
     def name(path):
       root = next((r for r in roots if path.startswith(r.rstrip(os.sep) + os.sep)), '')
@@ -161,23 +164,22 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     q = checked_query(q)
     checked_page(k, offset)
     query = await embed_query(q)
-    index = holder.current()
-    pairs = await run_in_threadpool(holder.rank, index, query, offset, k)
-    return page(index, pairs, k, offset, query=q)
+    snap = holder.current()
+    pairs = await run_in_threadpool(holder.rank, snap, query, offset, k)
+    return page(snap, pairs, k, offset, query=q)
 
   @app.get('/api/similar', summary='Images ranked by their likeness to an indexed image')
   async def similar(id: int, k: int = 20, offset: int = 0):  # pylint: disable=redefined-builtin
     checked_page(k, offset)
-    index = holder.current()
-    if not 0 <= id < len(index.embeddings):
-      raise fastapi.HTTPException(404, f'no image {id}: the index holds {len(index.embeddings)}')
-    pairs = await run_in_threadpool(holder.rank, index, index.embeddings[id], offset, k, id)
-    return page(index, pairs, k, offset, id=id)
+    snap = holder.current()
+    if not 0 <= id < len(snap.index.embeddings):
+      raise fastapi.HTTPException(404, f'no image {id}: the index holds {len(snap.index.embeddings)}')
+    pairs = await run_in_threadpool(holder.rank, snap, snap.index.embeddings[id], offset, k, id)
+    return page(snap, pairs, k, offset, id=id)
 
   def file_of(row: int) -> str:
-    index = holder.current()
     try:
-      return holder.servable_path(index, row)
+      return holder.servable_path(holder.current(), row)
     except IndexError as e:
       raise fastapi.HTTPException(404, str(e)) from None
     except PermissionError as e:
@@ -209,11 +211,11 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
 
   @app.get('/api/info', summary='The index, the model, the limits and the counters')
   async def info():
-    index = holder.current()
-    return {'images': len(index.embeddings), 'index': holder.directory,
-            'updated': index.manifest.get('stats', {}).get('updated'), 'reloads': holder.reloads,
+    snap = holder.current()
+    return {'images': len(snap.index.embeddings), 'index': holder.directory,
+            'updated': snap.index.manifest.get('stats', {}).get('updated'), 'reloads': holder.reloads,
             'model': {'checkpoint': model.checkpoint, 'step': model.meta.get('step')},
-            'approximate': holder.ann is not None,
+            'approximate': snap.ann is not None,
             'limits': dataclasses.asdict(limits),
             'embedder': {'calls': batcher.calls, 'queries': batcher.queries}}
 
@@ -228,6 +230,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--host', default='127.0.0.1', help='address to bind (another than loopback needs a token)')
   p.add_argument('--port', type=int, default=8000)
   p.add_argument('--token', default='', help=f'required of every request (default: ${TOKEN_ENV})')
+  p.add_argument('--approximate', choices=('', 'hnsw'), default='',
+                 help='search an approximate index (faiss HNSW; ivt_jax/serve_ann.py) instead of every embedding')
   args = p.parse_args(argv)
   args.token = args.token or os.environ.get(TOKEN_ENV, '')
   if not is_loopback(args.host) and not args.token:
@@ -243,7 +247,11 @@ def load(args: argparse.Namespace, log=print) -> serve_state.IndexHolder:
   from ivt_jax import search_index  # pylint: disable=g-import-not-at-top
   directory = paths.local(args.index, '--index')
   model = search_index.model_for_index(search_index.load_index(directory), args.checkpoint, args.config)
-  return serve_state.IndexHolder(directory, model, log=log)
+  approximate = None
+  if args.approximate == 'hnsw':
+    from ivt_jax import serve_ann  # pylint: disable=g-import-not-at-top
+    approximate = serve_ann.build
+  return serve_state.IndexHolder(directory, model, approximate=approximate, log=log)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -255,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   log(f'compiled the text embedder for {warm_up(holder.model, limits.max_batch)} batch sizes')
   app = create_app(holder, token=args.token, limits=limits)
   where = f'http://{args.host}:{args.port}/'
-  log(f'serving {len(holder.index.embeddings)} images of {holder.directory} at {where}'
+  log(f'serving {len(holder.current().index.embeddings)} images of {holder.directory} at {where}'
       + (f' (every request needs the token: open {where}?token=... once)' if args.token else '')
       + '; API schema at /docs')
   uvicorn.run(app, host=args.host, port=args.port, log_level='warning')

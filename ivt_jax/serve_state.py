@@ -1,9 +1,9 @@
 """What the search server holds between requests: the index (reloaded when it changes on disk), the text
 embedder behind a micro-batching queue, and the rule for which files may be sent.
 
-- `IndexHolder`: the loaded index and its exact (or approximate) ranking. Each request asks for the current
-  one; at most every `check_every_s` the manifest's stat is compared and a changed index is loaded whole, checked
-  against the model, and swapped in. `ivt_jax.search index` writes the embeddings first and replaces the
+- `IndexHolder`: the loaded index and its exact (or approximate) ranking. A watcher thread compares the
+  manifest's stat every `check_every_s`; a changed index is loaded whole, checked against the model (and its
+  approximate index built) in that thread, then swapped in, while requests go on with the previous one. `ivt_jax.search index` writes the embeddings first and replaces the
   manifest last, atomically, so a reader sees the old pair or the new pair, never half of one; a load that fails
   (a file replaced while read) keeps serving the previous index and tries again later.
 - `TextBatcher`: queries arriving together are embedded together: a worker thread takes the first waiting
@@ -15,6 +15,7 @@ embedder behind a micro-batching queue, and the rule for which files may be sent
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import queue
 import threading
@@ -42,6 +43,14 @@ def top_k(scores: np.ndarray, start: int, k: int) -> np.ndarray:
   return order[start:stop]
 
 
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """One loaded index with what belongs to it; replaced whole, so a request never mixes two indexes."""
+  index: search_index.Index
+  ann: Optional[object]       # the approximate index over index.embeddings, or None (exact search)
+  real_roots: tuple[str, ...]  # the indexed folders, symlinks resolved
+
+
 class IndexHolder:
   """The served index, reloaded when its manifest changes (see the module docstring)."""
 
@@ -49,15 +58,15 @@ class IndexHolder:
                approximate: Optional[Callable[[np.ndarray], object]] = None, log: Callable[[str], None] = print):
     self.directory = directory
     self.model = model
-    self.check_every_s = float(check_every_s)
+    self.check_every_s = max(0.01, float(check_every_s))
     self._approximate = approximate
     self._log = log
-    self._lock = threading.Lock()
-    self._checked = 0.0
     self._stamp = None
     self.reloads = 0
-    self.index, self.ann = self._load()
-    self._real_roots = [os.path.realpath(r) for r in self.index.manifest.get('roots', [])]
+    self._snapshot = self._load()  # replaced whole by the watcher
+    self._stop = threading.Event()
+    self._watcher = threading.Thread(target=self._watch, name='index-watcher', daemon=True)
+    self._watcher.start()
 
   def _manifest_stamp(self):
     try:
@@ -72,34 +81,39 @@ class IndexHolder:
     search_index.check_identity(index, self.model)
     ann = self._approximate(index.embeddings) if self._approximate and len(index.embeddings) else None
     self._stamp = stamp
-    return index, ann
+    return Snapshot(index, ann, tuple(os.path.realpath(r) for r in index.manifest.get('roots', [])))
 
-  def current(self) -> search_index.Index:
-    """The index to answer with (reloaded first if it changed on disk)."""
-    now = time.monotonic()
-    if now - self._checked >= self.check_every_s:
-      with self._lock:
-        if now - self._checked >= self.check_every_s:
-          self._checked = now
-          if self._manifest_stamp() != self._stamp:
-            try:
-              index, ann = self._load()
-            except Exception as e:  # pylint: disable=broad-except  (keep serving the previous one)
-              self._log(f'index {self.directory} changed but did not load ({type(e).__name__}: {e}); '
-                        'still serving the previous one')
-            else:
-              self.index, self.ann = index, ann
-              self._real_roots = [os.path.realpath(r) for r in index.manifest.get('roots', [])]
-              self.reloads += 1
-              self._log(f'index reloaded: {len(index.embeddings)} images')
-    return self.index
+  def _watch(self) -> None:
+    """Loads a changed index in this thread (an approximate index may take minutes to build) and swaps it in;
+    requests go on with the previous one meanwhile."""
+    while not self._stop.wait(self.check_every_s):
+      if self._manifest_stamp() == self._stamp:
+        continue
+      try:
+        snapshot = self._load()
+      except Exception as e:  # pylint: disable=broad-except  (keep serving the previous one)
+        self._log(f'index {self.directory} changed but did not load ({type(e).__name__}: {e}); '
+                  'still serving the previous one')
+        continue
+      self._snapshot = snapshot
+      self.reloads += 1
+      self._log(f'index reloaded: {len(snapshot.index.embeddings)} images')
 
-  def rank(self, index: search_index.Index, query: np.ndarray, start: int, k: int,
+  def current(self) -> Snapshot:
+    """The index to answer a request with (use this one snapshot for the whole request)."""
+    return self._snapshot
+
+  def close(self) -> None:
+    self._stop.set()
+    self._watcher.join(timeout=5)
+
+  @staticmethod
+  def rank(snap: Snapshot, query: np.ndarray, start: int, k: int,
            exclude: Optional[int] = None) -> list[tuple[int, float]]:
     """(row, score) ranked start..start+k-1 for a (D,) query embedding, best first."""
+    index, ann = snap.index, snap.ann
     if len(index.embeddings) == 0:
       return []
-    ann = self.ann if index is self.index else None
     if ann is not None:
       rows, scores = ann.search(query, start + k + (exclude is not None))
       pairs = [(int(r), float(s)) for r, s in zip(rows, scores) if r >= 0 and r != exclude]
@@ -111,15 +125,17 @@ class IndexHolder:
     rows = top_k(scores, start, k)
     return [(int(r), float(scores[r])) for r in rows if np.isfinite(scores[r])]
 
-  def servable_path(self, index: search_index.Index, row: int) -> str:
+  @staticmethod
+  def servable_path(snap: Snapshot, row: int) -> str:
     """The file of row `row`, if it may be sent: IndexError for a row out of range, PermissionError for a file
     whose real path leaves the indexed folders (a symlink pointing elsewhere)."""
+    index = snap.index
     if not 0 <= row < len(index.manifest['entries']):
       raise IndexError(f'no image {row}: the index holds {len(index.manifest["entries"])} (0..'
                        f'{len(index.manifest["entries"]) - 1})')
     path = index.manifest['entries'][row]['path']
     real = os.path.realpath(path)
-    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self._real_roots):
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in snap.real_roots):
       raise PermissionError(f'image {row} resolves outside the indexed folders')
     return real
 

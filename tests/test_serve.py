@@ -328,3 +328,29 @@ def test_the_page_in_headless_chromium(live, tmp_path):
     wait.until(lambda d: 'results 1–10' in d.find_element(By.ID, 'status').text)
   finally:
     driver.quit()
+
+
+# ---- the approximate index -------------------------------------------------------------------------------------
+
+
+def test_approximate_index_behind_the_same_api(tiny_model, index_dir, client):  # noqa: F811
+  from fastapi.testclient import TestClient
+  from ivt_jax import serve_ann
+  holder = serve_state.IndexHolder(index_dir, tiny_model, approximate=serve_ann.build, log=lambda _: None)
+  with TestClient(serve.create_app(holder)) as c:
+    assert c.get('/api/info').json()['approximate'] is True
+    for q in ('a man in a black jacket', 'a woman with a red bag'):
+      got = c.get('/api/search', params={'q': q, 'k': 5, 'offset': 2}).json()['results']
+      want = client.get('/api/search', params={'q': q, 'k': 5, 'offset': 2}).json()['results']
+      assert [r['id'] for r in got] == [r['id'] for r in want]  # a graph of 12 nodes finds everything
+      np.testing.assert_allclose([r['score'] for r in got], [r['score'] for r in want], atol=1e-5)
+    similar = c.get('/api/similar', params={'id': 2, 'k': 4}).json()['results']
+    assert 2 not in [r['id'] for r in similar] and len(similar) == 4
+  holder.close()
+
+
+def test_ann_benchmark_small():
+  from ivt_jax.tools import ann_benchmark
+  r = ann_benchmark.run(images=3000, dim=32, queries=50, identities=300)
+  assert r['recall@10'] >= 0.95 and r['hnsw_p50_ms'] > 0 and r['exact_p50_ms'] > 0
+  assert '| 3,000 x 32 |' in ann_benchmark.table(r)
