@@ -23,7 +23,7 @@ def local(path: str, what: str) -> str:
   if m:
     scheme = m.group(1)
     hint = (' For Cloud Storage, mount the bucket with Cloud Storage FUSE (gcsfuse --implicit-dirs BUCKET '
-            '/mnt/BUCKET) and give the mounted path, e.g. /mnt/BUCKET/run.' if scheme in ('gs', 'gcs') else '')
+            '/mnt/BUCKET) and give the mounted path, e.g. /mnt/BUCKET/run.' if scheme.lower() in ('gs', 'gcs') else '')
     raise UnsupportedPathError(f'{what}={path!r}: {scheme}:// paths are not supported; this program reads and '
                                f'writes local or mounted file systems only.{hint}')
   return os.path.abspath(os.path.expanduser(path))

@@ -181,10 +181,9 @@ def figure(model, image_path: str, texts: Sequence[str] = (), layer: int = -1, h
   lowest to the highest cosine over all phrases. The notes under the panels give the actual values.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from input_pipeline import augment  # pylint: disable=g-import-not-at-top
+  from input_pipeline import augment, images  # pylint: disable=g-import-not-at-top
   from ivt_jax import visualize  # pylint: disable=g-import-not-at-top
-  with open(image_path, 'rb') as f:
-    data = f.read()
+  data = images.read_file(image_path)
   size = tuple(int(s) for s in model.config.data.image_size)
   maps = compute_maps(model, augment.eval_image(data, size, name=image_path), texts, layer)
   h, w = size

@@ -394,3 +394,28 @@ def test_search_empty_query_refused(hostile_folder, tiny_model, capsys):  # noqa
   with pytest.raises(ValueError, match='query 1 is empty'):
     search.search(tiny_model, index, [''])
 
+
+
+# ---- paths -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('url', ['gs://bucket/run', 's3://bucket/run', 'https://example.com/run', 'GS://b/x'])
+def test_url_paths_refused_by_name(url, tmp_path, monkeypatch):
+  from input_pipeline import paths
+  from ivt_jax import search_index
+  from ivt_jax import train
+  from tests.test_train import tiny_demo
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(paths.UnsupportedPathError, match=r"workdir='" + re.escape(url) + "': .* paths are not "
+                     r'supported; this program reads and writes local or mounted file systems only'):
+    train.train_and_evaluate(tiny_demo(str(tmp_path)), url)
+  assert os.listdir(tmp_path) == []  # nothing was created under the current directory (no ./gs:/bucket/run)
+  with pytest.raises(paths.UnsupportedPathError, match='index directory'):
+    search_index.load_index(url)
+  config = config_for(str(tmp_path))
+  config.data.data_dir = url
+  with pytest.raises(paths.UnsupportedPathError, match='data path'):
+    prepare_lib.prepare(config, str(tmp_path / 'w'), workers=1)
+  if url.startswith('gs'):
+    with pytest.raises(paths.UnsupportedPathError, match='Cloud Storage FUSE'):
+      paths.local(url, 'workdir')
