@@ -482,7 +482,9 @@ def test_bad_records_and_config():
   bad[0]['phrases'] = bad[0]['phrases'][:1]
   it = pipeline.train_iterator(make_config(), bad, CharTokenizer(), seed=0, shard_index=0,
                                shard_count=1)
-  with pytest.raises(ValueError, match="'phrases' has 1 entries but captions has 2"):
+  with pytest.raises(pipeline.InputPipelineError,  # the record's error, with where it happened
+                     match=r"in the training process \(data.worker_count=0\), at or before training batch \d+: "
+                           r"ValueError: record 0 .*'phrases' has 1 entries but captions has 2"):
     take(it, 4)
   with pytest.raises(ValueError, match='data.bmm_ratio'):
     pipeline.train_iterator(make_config(bmm_ratio=1.5), SOURCE, CharTokenizer(), seed=0,
