@@ -12,6 +12,7 @@ so bytes changed on disk after the save are found, not trained on. A save that f
 run with CheckpointSaveError; Orbax finalizes a step only when all of it is written, so the earlier steps stay
 intact and a restart resumes from the newest of them.
 """
+import contextlib
 import errno
 import os
 import time
@@ -60,25 +61,31 @@ def _save_error(manager: ocp.CheckpointManager, e: BaseException) -> CheckpointS
                              + (' Free some space first.' if full else ''))
 
 
-def wait(manager: ocp.CheckpointManager) -> None:
-  """Waits for the asynchronous save; its failure becomes a CheckpointSaveError."""
+@contextlib.contextmanager
+def _saving(manager: ocp.CheckpointManager):
+  """Any failure of a save (or of the previous asynchronous one, which surfaces in the next call) becomes a
+  CheckpointSaveError naming the intact steps."""
   try:
-    manager.wait_until_finished()
+    yield
   except Exception as e:  # pylint: disable=broad-except  (OSError, or tensorstore's errors for the arrays)
     raise _save_error(manager, e) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous save; its failure becomes a CheckpointSaveError."""
+  with _saving(manager):
+    manager.wait_until_finished()
 
 
 def save_training(manager: ocp.CheckpointManager, step: int, state: Any, data_iter, meta: dict,
                   force: bool = False) -> bool:
   """Starts an asynchronous save of (state, iterator position, meta + the state's checksums)."""
   meta = dict(meta, digest=integrity.tree_digest(state))
-  try:  # the error of the previous asynchronous save surfaces here
+  with _saving(manager):
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_iter=grain.checkpoint.CheckpointSave(data_iter),
         meta=ocp.args.JsonSave(meta)), force=force)
-  except Exception as e:  # pylint: disable=broad-except
-    raise _save_error(manager, e) from e
 
 
 def _changed_arrays(saved_digest: Optional[dict], tree: Any) -> str:
@@ -154,12 +161,10 @@ def save_params(manager: ocp.CheckpointManager, step: int, params: Any, meta: di
   if step in manager.all_steps():
     manager.delete(step)
   meta = dict(meta, digest=integrity.tree_digest(params))
-  try:
+  with _saving(manager):
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                meta=ocp.args.JsonSave(meta)), force=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise _save_error(manager, e) from e
-  wait(manager)
+    manager.wait_until_finished()
 
 
 def _check_tree(restored: Any, abstract: Any, where: str) -> None:
