@@ -249,7 +249,7 @@ def test_remembered_tagger_answers_as_the_perceptron_does():
   synthetic ones tagged with and without it agree, and a full memory is cleared, not grown."""
   from input_pipeline import synthetic
   real = [json.loads(l)['caption'] for l in open(REAL) if l.strip()] if os.path.exists(REAL) else []
-  ids = synthetic.make_identities(40, seed=3, val_ids=0, test_ids=0)
+  ids = synthetic.make_identities(60, seed=3, val_ids=0, test_ids=0)  # > 100 captions even without REAL
   rng = np.random.default_rng(0)
   caps = real + [c for a in ids for c in synthetic.captions_for_image(a, synthetic.sample_view(rng), rng)]
   caps += [PEDESTRIAN, PERSON, WOMAN, RSTP, LIST, STRIPED, CAPS]
