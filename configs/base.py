@@ -77,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.text_ln_eps = 1e-12
   c.model.dtype = 'float32'           # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)
+  c.model.patch_embed = 'auto'        # auto | conv | matmul: the patch convolution's op (auto: matmul on CPU)
   c.model.remat = False
 
   # ---- part head (model.head = 'part'; see ivt_jax/part_model.py and ivt_jax/part_losses.py) -----

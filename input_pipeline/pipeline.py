@@ -88,13 +88,14 @@ def bmm_keep(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
 def _encode_levels(tokenizer, texts: Sequence[str], lengths: Sequence[int], length: int
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Level l's text cut to lengths[l] positions, all padded to `length`: ids, mask (len(texts), length)."""
-  if len(set(lengths)) == 1 and lengths[0] == length:
-    return examples.encode_texts(tokenizer, texts, length)
-  ids = np.full((len(texts), length), getattr(tokenizer, 'pad_id', 0), np.int32)
-  mask = np.zeros((len(texts), length), np.int32)
-  for level, (t, n) in enumerate(zip(texts, lengths)):
-    i, m = examples.encode_texts(tokenizer, [t], n)
-    ids[level, :n], mask[level, :n] = i[0], m[0]
+  ids, mask = examples.encode_texts(tokenizer, texts, max(lengths))  # one tokenizer call for every level
+  ids = np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=getattr(tokenizer, 'pad_id', 0))
+  mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
+  for level, n in enumerate(lengths):
+    if n < ids.shape[1] and mask[level, n - 1]:  # longer than its level: cut to n - 1 pieces, then [SEP]
+      sep = ids[level, mask[level].sum() - 1]
+      ids[level, n - 1], ids[level, n:] = sep, getattr(tokenizer, 'pad_id', 0)
+      mask[level, n:] = 0
   return ids, mask
 
 

@@ -33,7 +33,11 @@ def _abs(path: str) -> str:
 
 
 def training_manager(workdir: str, *, save_every: int, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep, create=True)
+  # Every `save_every` steps and on preemption; not Orbax's default extra save at the first step (a full write of
+  # the state, its checksum compiled, while the run has barely started; a restart loses one step without it).
+  policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+                                                  ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+  options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(os.path.join(_abs(workdir), 'checkpoints'), options=options,
                                item_names=('state', 'data_iter', 'meta'))
 

@@ -122,14 +122,15 @@ def build(config: ml_collections.ConfigDict, workdir: str):
 
 
 def run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer, split: str,
-                   protocol: str = 'standard'):
-  """Embeds and scores one split -> (metrics, embeddings, similarity, source)."""
+                   protocol: str = 'standard', embedder: Embedder | None = None):
+  """Embeds and scores one split -> (metrics, embeddings, similarity, source). Pass the same `embedder` to
+  every call of a run: its jitted functions then compile once, not at each evaluation."""
   from input_pipeline import eval_pipeline
   from input_pipeline import prepare as prepare_lib
   source = prepare_lib.open_split(prepared, split)
   data = eval_pipeline.eval_batches(config, source, tokenizer, shard_index=jax.process_index(),
                                    shard_count=jax.process_count())
-  emb = embed_split(params, Embedder(encoder, mesh, shardings), data)
+  emb = embed_split(params, embedder or Embedder(encoder, mesh, shardings), data)
   metrics, sim = evaluate_embeddings(emb, protocol, config.data.name)
   return metrics, emb, sim, source
 

@@ -28,7 +28,8 @@ LOCK_FILE = 'run.lock'
 # Config keys (dotted prefixes) a resumed run must keep.
 REFUSED = ('model.', 'part.', 'data.', 'optim.', 'init.', 'seed', 'num_epochs')
 # Keys under those prefixes that do not change what is trained: how the data is read, not which data.
-ALLOWED = ('data.worker_count', 'data.worker_buffer_size', 'data.prefetch', 'data.manual_dir', 'data.data_dir')
+ALLOWED = ('data.worker_count', 'data.worker_buffer_size', 'data.prefetch', 'data.manual_dir', 'data.data_dir',
+           'model.patch_embed')  # the same numbers by another op
 
 
 class RunLockedError(RuntimeError):

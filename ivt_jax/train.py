@@ -176,8 +176,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   embed_args = (config, encoder, mesh, shardings, prepared, tokenizer)
   has_val = prepared.split_sizes.get('val', 0) > 0
 
+  embedder = evaluate_lib.Embedder(encoder, mesh, shardings)  # compiled at the first evaluation, then reused
+
   def run_eval(params, split):
-    metrics, emb, sim, source = evaluate_lib.run_evaluation(config, params, *embed_args[1:], split)
+    metrics, emb, sim, source = evaluate_lib.run_evaluation(config, params, *embed_args[1:], split,
+                                                            embedder=embedder)
     return metrics, emb, sim, source
 
   def save_meta(step):
@@ -235,9 +238,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         checkpoints.wait(manager)
         logging.warning('checkpoint saved at step %d after SIGTERM; exiting.', step)
         return {'preempted_at_step': step}
-      if manager.should_save(step) or step == total_steps:
+      if manager.should_save(step) or step == total_steps:  # the last step too, wherever it falls
         check(pending)
-        checkpoints.save_training(manager, step, state, data_iter, save_meta(step))
+        checkpoints.save_training(manager, step, state, data_iter, save_meta(step), force=step == total_steps)
     if pending is not None:
       check(pending)
     checkpoints.wait(manager)

@@ -298,3 +298,33 @@ def test_embeddings_compute_the_last_block_for_cls_alone_with_the_same_numbers(r
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_cls, g_full)
   # Not vacuous: the dropped and dropout-ed runs differ from the deterministic one.
   assert np.abs(cls_i[:, 0] - enc.apply({'params': p}, images, method='embed_images')).max() > 1e-3
+
+
+@pytest.mark.parametrize('hw,k,s,dtype', [((40, 24), 8, 6, 'float32'), ((37, 21), 8, 8, 'float32'),
+                                          ((128, 48), 16, 10, 'float32'), ((40, 24), 8, 6, 'bfloat16')])
+def test_patch_embed_matmul_equals_conv(hw, k, s, dtype):
+  """The matrix-product patch embedding computes the convolution, forward and kernel gradient, for overlapping,
+  non-overlapping and ragged (size not a multiple of the stride) grids."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, *hw, 3)), jnp.float32)
+  outs = {}
+  for impl in ('conv', 'matmul'):
+    mod = model.PatchEmbed(16, k, s, jnp.dtype(dtype), impl)
+    p = mod.init(jax.random.key(1), x)['params']
+    y = mod.apply({'params': p}, x)
+    g = jax.grad(lambda p: jnp.sum(mod.apply({'params': p}, x).astype(jnp.float32) ** 2))(p)
+    outs[impl] = (y, g)
+  (yc, gc), (ym, gm) = outs['conv'], outs['matmul']
+  rows, cols = (hw[0] - k) // s + 1, (hw[1] - k) // s + 1
+  assert yc.shape == ym.shape == (3, rows, cols, 16)
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  np.testing.assert_allclose(np.float32(ym), np.float32(yc), atol=tol, rtol=tol)
+  np.testing.assert_allclose(gm['kernel'], gc['kernel'], rtol=tol, atol=tol * 10)
+  np.testing.assert_allclose(gm['bias'], gc['bias'], rtol=tol, atol=tol * 10)
+  assert np.abs(np.float32(yc)).max() > 0.1
+
+
+def test_patch_embed_config_checked():
+  c = tiny_config()
+  c.model.patch_embed = 'fft'
+  with pytest.raises(ValueError, match='model.patch_embed'):
+    model.encoder_config(c)

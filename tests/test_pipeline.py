@@ -609,3 +609,20 @@ def test_text_buckets_are_read_from_the_config():
   with pytest.raises(ValueError, match='data.text_buckets'):
     shapes.text_buckets(make_config(text_buckets=(1,)))
   assert shapes.bucket_text_lengths((128, 20, 12), 16) == (16, 16, 12)
+
+
+def test_levels_encoded_in_one_call_equal_one_call_per_level():
+  """_encode_levels tokenizes the three level texts in one call and cuts each to its level's length: the same
+  ids and mask as encoding each text at its own length (texts shorter, equal to and longer than each cut)."""
+  tok = CharTokenizer()
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    texts = ['x' * int(rng.integers(0, 30)) + 'é' * int(rng.integers(0, 3)) for _ in range(3)]
+    lengths = [int(n) for n in rng.integers(2, 26, 3)]
+    length = max(lengths) + int(rng.integers(0, 4))
+    ids, mask = pipeline._encode_levels(tok, texts, lengths, length)
+    for level, (t, n) in enumerate(zip(texts, lengths)):
+      want_ids, want_mask = tok.encode([t], n)
+      np.testing.assert_array_equal(ids[level, :n], want_ids[0])
+      np.testing.assert_array_equal(mask[level, :n], want_mask[0])
+      assert not ids[level, n:].any() and not mask[level, n:].any()
