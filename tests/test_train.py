@@ -104,6 +104,9 @@ def test_end_to_end_and_exact_resume(data_root, tmp_path):
   half = str(tmp_path / 'half')
   c.total_steps = 3
   train.train_and_evaluate(c, half)
+  # Saved every checkpoint_every_steps (2) and at the last step (3), which is not a multiple of it; no extra
+  # save at step 1.
+  assert sorted(int(d) for d in os.listdir(os.path.join(half, 'checkpoints')) if d.isdigit()) == [2, 3]
   from ivt_jax import run_guard
   changed = c.copy_and_resolve_references()
   changed.model.mlp_dim, changed.optim.lr = 128, 5e-4
@@ -144,7 +147,10 @@ def test_fsdp_on_8_devices_matches_one_device(data_root, tmp_path):
   train.train_and_evaluate(c, str(tmp_path / 'eight'))
   _, p1 = _final_params(str(tmp_path / 'one'))
   _, p8 = _final_params(str(tmp_path / 'eight'))
-  _assert_trees(p1, p8, atol=2e-5)
+  # The same numbers up to the order of float sums: Adam divides by the root of the squared gradients, so where
+  # a gradient is near zero a last-bit difference moves the update by up to ~lr x 1e-2 (5e-5 after 3 steps at
+  # lr 1e-3 here); a wrong sharding would move it by ~lr.
+  _assert_trees(p1, p8, atol=5e-5)
 
 
 @pytest.mark.slow
