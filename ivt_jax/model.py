@@ -181,8 +181,9 @@ class PatchEmbed(nn.Module):
   """The patch convolution (parameters `kernel` (K, K, C, D) and `bias` (D,), as nn.Conv names them).
 
   implementation: 'conv' (lax.conv_general_dilated), 'matmul' (`image_patches` then one matrix product: the same
-  numbers, about 2x faster for the forward and backward on a CPU, where XLA's convolution with a 16x16 kernel is
-  slow), or 'auto' (matmul on CPU, conv on GPU and TPU).
+  function; on a CPU, where XLA's convolution with a 16x16 kernel is slow, the demo's patch forward takes 36 ms of
+  op time instead of 38 and the step's patch work about 40 ms instead of 54), or 'auto' (matmul on CPU, conv on
+  GPU and TPU).
   """
   features: int
   patch_size: int
