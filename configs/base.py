@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cuhk_pedes'          # TFDS builder: cuhk_pedes | icfg_pedes | rstpreid
   c.data.manual_dir = '~/data/CUHK-PEDES'  # the user's copy: reid_raw.json + imgs/
-  c.data.data_dir = ''                # prepared TFDS data; '' = <workdir>/tfds
+  c.data.data_dir = ''                # prepared TFDS data; '' = <workdir>/tfds; may be gs://BUCKET/...
+  c.data.local_cache_dir = ''         # local copy of gs:// prepared data; '' = $IVT_CACHE_DIR or ~/.cache/ivt_jax
   c.data.skip_bad_records = False     # True: skip (and report) bad records instead of failing
   c.data.synthetic = ml_collections.ConfigDict()  # SynthPEDES generation when manual_dir is absent
   c.data.synthetic.enabled = False

@@ -11,7 +11,12 @@ data.synthetic.{enabled, num_ids, images_per_id, image_size}, seed, data.tokeniz
 data.sentencepiece_vocab_size, data.sentencepiece_model_type. The SentencePiece model is trained once on
 the prepared training captions and kept as <data_dir>/<name>/spm_<model type>_<vocab size>.model.
 
-Paths are local (or mounted) paths: SentencePiece and the marker use plain file I/O.
+data_dir may be on Cloud Storage (gs://BUCKET/...; also <workdir>/tfds for a gs:// workdir). Grain reads
+ArrayRecord files by random access, one small read per record: over HTTP that is ~1000x slower than a local disk,
+so the data are prepared in a local cache (config.data.local_cache_dir, else $IVT_CACHE_DIR, else
+~/.cache/ivt_jax) and uploaded file by file, the bucket's marker written last with every file's size; every host
+(process 0 after a restart, the others always) downloads what its cache lacks before opening it. manual_dir
+(the raw dataset) is read from a local disk.
 """
 import dataclasses
 import hashlib
@@ -56,7 +61,18 @@ def _expand(path: str) -> str:
 
 
 def data_dir_of(config, workdir: str) -> str:
-  return _expand(config.data.data_dir) if config.data.data_dir else os.path.join(_expand(workdir), 'tfds')
+  """config.data.data_dir, or <workdir>/tfds: a local absolute path or a gs:// URL."""
+  if config.data.data_dir:
+    return paths.resolve(config.data.data_dir, 'config.data.data_dir')
+  return paths.join(paths.resolve(workdir, 'workdir'), 'tfds')
+
+
+def local_cache_of(config, remote: str) -> str:
+  """The local folder that stands for the gs:// path `remote` (prepared data, SynthPEDES of a gs:// workdir)."""
+  root = (config.data.get('local_cache_dir', '') or os.environ.get('IVT_CACHE_DIR', '')
+          or os.path.join('~', '.cache', 'ivt_jax'))
+  root = paths.local(root, 'config.data.local_cache_dir')
+  return os.path.join(root, hashlib.sha256(remote.encode()).hexdigest()[:16])
 
 
 def _val_fraction(config) -> float | None:
@@ -179,9 +195,10 @@ def _prepared(config, builder, data_dir: str, tokenizer_path: str) -> PreparedDa
                       bad_records_file=bad_file if os.path.isfile(bad_file) else '')
 
 
-def prepare_here(config, workdir: str, workers: int | None = None) -> PreparedData:
-  """Builds (if needed) and opens the dataset in this process, ignoring other processes."""
-  data_dir = data_dir_of(config, workdir)
+def prepare_here(config, workdir: str, workers: int | None = None, data_dir: str | None = None) -> PreparedData:
+  """Builds (if needed) and opens the dataset in this process, ignoring other processes (in `data_dir`, a local
+  path: default data_dir_of(config, workdir))."""
+  data_dir = data_dir or paths.local(data_dir_of(config, workdir), 'config.data.data_dir')
   workers = workers or max(1, min(8, os.cpu_count() or 1))
   builder = _builder(config, data_dir, workers)
   if not builder.is_prepared():
@@ -213,6 +230,8 @@ def prepare(config, workdir: str, *, workers: int | None = None, wait_timeout_s:
   """
   import jax  # pylint: disable=g-import-not-at-top (prepare.py imports without jax)
   data_dir = data_dir_of(config, workdir)
+  if paths.is_remote(data_dir):
+    return _prepare_remote(config, workdir, data_dir, workers, jax.process_index(), wait_timeout_s, poll_s)
   marker = os.path.join(data_dir, config.data.name, MARKER_FILE)
   if jax.process_index() == 0:
     prepared = prepare_here(config, workdir, workers)
@@ -231,6 +250,90 @@ def prepare(config, workdir: str, *, workers: int | None = None, wait_timeout_s:
   builder = _builder(config, data_dir)
   _check_options(config, builder)
   return _prepared(config, builder, data_dir, _tokenizer(config, builder, data_dir, train=False))
+
+
+def _prepare_remote(config, workdir: str, data_dir: str, workers, process: int, wait_timeout_s: float,
+                    poll_s: float) -> PreparedData:
+  """Prepared data on Cloud Storage, opened from this host's local copy (module docstring)."""
+  local_dir = local_cache_of(config, data_dir)
+  name = config.data.name
+  remote_marker = paths.join(data_dir, name, MARKER_FILE)
+  fingerprint = _fingerprint(config)
+  marker = _remote_marker(remote_marker, fingerprint)
+  if marker is None and process == 0:
+    prepared = prepare_here(config, workdir, workers, data_dir=local_dir)
+    _upload(os.path.join(local_dir, name), paths.join(data_dir, name), remote_marker, fingerprint, prepared)
+    return prepared
+  deadline = time.time() + wait_timeout_s
+  while marker is None:
+    if time.time() > deadline:
+      raise TimeoutError(f'process {process}: no marker {remote_marker} from process 0 after '
+                         f'{wait_timeout_s:.0f}s.')
+    time.sleep(poll_s)
+    marker = _remote_marker(remote_marker, fingerprint)
+  _download(marker, paths.join(data_dir, name), os.path.join(local_dir, name))
+  builder = _builder(config, local_dir)
+  _check_options(config, builder)
+  return _prepared(config, builder, local_dir, _tokenizer(config, builder, local_dir, train=False))
+
+
+def _remote_marker(path: str, fingerprint: str) -> dict | None:
+  try:
+    m = json.loads(paths.read_text(path))
+  except (OSError, ValueError):  # absent, or not yet whole
+    return None
+  return m if m.get('fingerprint') == fingerprint and isinstance(m.get('files'), dict) else None
+
+
+def _upload(local: str, remote: str, remote_marker: str, fingerprint: str, prepared: PreparedData) -> None:
+  """Copies the prepared files to the bucket, then the marker listing them (last: a killed upload is redone)."""
+  files = {rel: os.path.getsize(os.path.join(local, rel)) for rel in paths.walk_files(local)
+           if rel != MARKER_FILE and '.tmp' not in rel}
+  t0 = time.time()
+  for rel in files:
+    paths.copy_file(os.path.join(local, *rel.split('/')), paths.join(remote, rel))
+  paths.write_text_atomic(remote_marker, json.dumps(
+      {'fingerprint': fingerprint, 'files': files, 'prepared': prepared.to_json()}, indent=1))
+  logging.info('Uploaded %d prepared files (%.1f MB) to %s in %.1fs', len(files), sum(files.values()) / 1e6,
+               remote, time.time() - t0)
+
+
+def _download(marker: dict, remote: str, local: str) -> None:
+  """Copies to `local` each file the marker lists that is absent there or of another size."""
+  todo = [rel for rel, size in sorted(marker['files'].items())
+          if not (os.path.isfile(os.path.join(local, rel)) and os.path.getsize(os.path.join(local, rel)) == size)]
+  t0 = time.time()
+  for rel in todo:
+    paths.copy_file(paths.join(remote, rel), os.path.join(local, *rel.split('/')))
+    if os.path.getsize(os.path.join(local, rel)) != marker['files'][rel]:
+      raise OSError(f'{paths.join(remote, rel)}: {os.path.getsize(os.path.join(local, rel))} bytes downloaded, '
+                    f'the marker {MARKER_FILE} lists {marker["files"][rel]}: was it changed after it was prepared?')
+  if todo:
+    logging.info('Downloaded %d prepared files from %s to %s in %.1fs', len(todo), remote, local, time.time() - t0)
+
+
+def tokenizer_of_marker(config, marker: str) -> str:
+  """The local tokenizer file a prepared dataset's marker names ('' if the marker cannot be read). For data on
+  Cloud Storage, the tokenizer file is downloaded into the local cache when absent there."""
+  try:
+    m = json.loads(paths.read_text(marker))
+    prepared = m['prepared']
+    tok_path = prepared['tokenizer_path']
+  except (OSError, ValueError, KeyError, TypeError):
+    return ''
+  if not paths.is_remote(marker):
+    return tok_path
+  data_dir = paths.dirname(paths.dirname(marker))
+  rel = os.path.relpath(tok_path, prepared.get('data_dir', ''))
+  if rel.startswith('..'):  # a WordPiece vocab named by path, outside the prepared data
+    return tok_path
+  local = os.path.join(local_cache_of(config, data_dir), rel)
+  if not os.path.isfile(local):
+    try:
+      paths.copy_file(paths.join(data_dir, *rel.split(os.sep)), local)
+    except OSError:
+      return ''
+  return local
 
 
 def _marker_ready(marker: str, fingerprint: str) -> bool:

@@ -29,7 +29,7 @@ from ivt_jax import integrity
 
 
 def _abs(path: str) -> str:
-  return paths.local(path, 'checkpoint directory')
+  return paths.resolve(path, 'checkpoint directory')
 
 
 def training_manager(workdir: str, *, save_every: int, max_to_keep: int) -> ocp.CheckpointManager:
@@ -38,7 +38,7 @@ def training_manager(workdir: str, *, save_every: int, max_to_keep: int) -> ocp.
   policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
                                                   ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
   options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.join(_abs(workdir), 'checkpoints'), options=options,
+  return ocp.CheckpointManager(paths.join(_abs(workdir), 'checkpoints'), options=options,
                                item_names=('state', 'data_iter', 'meta'))
 
 
@@ -105,11 +105,9 @@ def _changed_arrays(saved_digest: Optional[dict], tree: Any) -> str:
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Moves a damaged step out of the manager's directory (kept for inspection) -> where it went."""
-  root = os.fspath(manager.directory)
-  aside = os.path.join(os.path.dirname(root), 'damaged_checkpoints')
-  os.makedirs(aside, exist_ok=True)
-  target = os.path.join(aside, f'{step}.{int(time.time())}')
-  os.replace(os.path.join(root, str(step)), target)
+  root = os.fspath(manager.directory).rstrip('/')
+  target = paths.join(paths.dirname(root), 'damaged_checkpoints', f'{step}.{int(time.time())}')
+  paths.move_tree(paths.join(root, str(step)), target)
   return target
 
 
@@ -193,17 +191,17 @@ def restore_params(path: str, abstract_params: Any, shardings: Any = None) -> tu
   error that lists every difference.
   """
   path = _abs(path)
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise FileNotFoundError(f'checkpoint directory {path} does not exist')
-  candidates = [os.path.join(path, 'best'), path, os.path.join(path, 'checkpoints')]
+  candidates = [paths.join(path, 'best'), path, paths.join(path, 'checkpoints')]
   for directory in candidates:
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
       continue
     steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp, 'utils') else []
     if not steps:
       continue
     step = max(steps)
-    items = set(os.listdir(os.path.join(directory, str(step)))) & {'params', 'state', 'meta'}
+    items = set(paths.listdir(paths.join(directory, str(step)))) & {'params', 'state', 'meta'}
     kinds = {'meta': ocp.JsonCheckpointHandler, 'params': ocp.StandardCheckpointHandler,
              'state': ocp.PyTreeCheckpointHandler}  # a training state: its params only (a partial restore)
     handlers = {k: kinds[k]() for k in items}

@@ -6,6 +6,13 @@ exclusive `fcntl.flock` on it for as long as it runs. The kernel drops that lock
 same workdir is refused, naming the first. With several processes (jax.distributed), process 0 takes the lock.
 Where the file system cannot lock (some network file systems), the run goes on with a warning.
 
+On Cloud Storage (a gs:// workdir) there is no file lock: the owner holds a lease instead. `run.lock` is an
+object holding the owner's process id, host, a random token and a heartbeat time that the owner rewrites every
+`heartbeat_s` (30 s) from a background thread. A run finding a lease whose heartbeat is younger than `stale_s`
+(120 s) is refused, naming the owner; an older one (a killed run) is taken over. Two runs starting together both
+write their token and read it back `settle_s` (2 s) later: the one whose token is not there is refused (Cloud
+Storage serves the last complete write to every reader).
+
 The config on resume: a run that continues from a checkpoint must train the same model on the same data stream,
 so keys that change shapes or the stream (`REFUSED`: the model, the data, the optimizer and its schedule, the seed,
 the initialization) are refused, every changed key named with both values, before anything is restored. The other
@@ -18,10 +25,15 @@ import datetime
 import fcntl
 import json
 import os
+import secrets
 import socket
+import threading
+import time
 from typing import Any, Mapping
 
 from absl import logging
+
+from input_pipeline import paths
 
 LOCK_FILE = 'run.lock'
 
@@ -29,7 +41,7 @@ LOCK_FILE = 'run.lock'
 REFUSED = ('model.', 'part.', 'data.', 'optim.', 'init.', 'seed', 'num_epochs')
 # Keys under those prefixes that do not change what is trained: how the data is read, not which data.
 ALLOWED = ('data.worker_count', 'data.worker_buffer_size', 'data.prefetch', 'data.manual_dir', 'data.data_dir',
-           'model.patch_embed')  # the same numbers by another op
+           'data.local_cache_dir', 'model.patch_embed')  # the same numbers by another op
 
 
 class RunLockedError(RuntimeError):
@@ -40,14 +52,28 @@ class ConfigChangedError(ValueError):
   pass
 
 
-class WorkdirLock:
-  """Exclusive ownership of a workdir for one run (see the module docstring). Use as a context manager."""
+def _refusal(workdir: str, owner: dict, where: str) -> RunLockedError:
+  return RunLockedError(
+      f'{workdir} is in use by another run: process {owner.get("pid", "?")} on host {owner.get("host", "?")}, '
+      f'started {owner.get("started", "?")} ({where}). One workdir holds one run: wait for it to end, stop it, or '
+      'choose another --workdir.')
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+
+class WorkdirLock:
+  """Exclusive ownership of a workdir for one run (see the module docstring). Use as a context manager.
+
+  A gs:// workdir gets a lease (`heartbeat_s`, `stale_s`, `settle_s`: see the module docstring)."""
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_s: float = 120.0, settle_s: float = 2.0):
+    self.workdir = workdir
+    self.path = paths.join(workdir, LOCK_FILE)
     self._fd = None
+    self._lease = _Lease(self.path, heartbeat_s, stale_s, settle_s) if paths.is_remote(workdir) else None
 
   def acquire(self) -> 'WorkdirLock':
+    if self._lease is not None:
+      self._lease.acquire(self.workdir)
+      return self
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,6 +97,8 @@ class WorkdirLock:
     return self
 
   def release(self) -> None:
+    if self._lease is not None:
+      self._lease.release()
     if self._fd is not None:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
@@ -81,6 +109,70 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+class _Lease:
+  """The lock of a gs:// workdir: an object with a heartbeat (module docstring)."""
+
+  def __init__(self, path: str, heartbeat_s: float, stale_s: float, settle_s: float):
+    self.path, self.heartbeat_s, self.stale_s, self.settle_s = path, heartbeat_s, stale_s, settle_s
+    self._owner = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _read(self) -> dict:
+    try:
+      return json.loads(paths.read_text(self.path) or '{}')
+    except (OSError, ValueError):  # absent (FileNotFoundError is an OSError) or unreadable: no live owner
+      return {}
+
+  def _write(self) -> None:
+    self._owner['heartbeat'] = time.time()
+    paths.write_text_atomic(self.path, json.dumps(self._owner) + '\n')
+
+  def acquire(self, workdir: str) -> None:
+    current = self._read()
+    age = time.time() - float(current.get('heartbeat', 0.0))
+    if current and age < self.stale_s:
+      raise _refusal(workdir, current, f'its lease {self.path} was renewed {age:.0f} s ago')
+    if current:
+      logging.warning('taking over the lease %s of process %s on %s: not renewed for %.0f s (a run that ended '
+                      'without releasing it)', self.path, current.get('pid'), current.get('host'), age)
+    self._owner = {'pid': os.getpid(), 'host': socket.gethostname(), 'token': secrets.token_hex(8),
+                   'started': datetime.datetime.now().isoformat(timespec='seconds')}
+    self._write()
+    time.sleep(self.settle_s)
+    now = self._read()
+    if now.get('token') != self._owner['token']:
+      self._owner = None
+      raise _refusal(workdir, now, f'it took the lease {self.path} at the same time')
+    self._thread = threading.Thread(target=self._beat, name='workdir-lease', daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        now = self._read()
+        if now.get('token') not in (None, self._owner['token']):
+          logging.error('the lease %s was taken by process %s on %s: another run now writes to this workdir',
+                        self.path, now.get('pid'), now.get('host'))
+          return
+        self._write()
+      except Exception as e:  # pylint: disable=broad-except  (a network error: try again next beat)
+        logging.warning('could not renew the lease %s: %s', self.path, e)
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+      self._thread = None
+    if self._owner is not None:
+      try:
+        if self._read().get('token') == self._owner['token']:
+          paths.remove(self.path)
+      except OSError as e:
+        logging.warning('could not remove the lease %s (%s); it goes stale in %.0f s', self.path, e, self.stale_s)
+      self._owner = None
 
 
 def _read_owner(fd: int) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import io
 import json
 import os
 import time
@@ -79,18 +80,17 @@ class Index:
 
 def load_index(directory: str) -> Index:
   """Reads INDEX/manifest.json and its embeddings; checks they agree."""
-  directory = paths.local(directory, 'index directory')
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  directory = paths.resolve(directory, 'index directory')
+  path = paths.join(directory, MANIFEST)
+  if not paths.isfile(path):
     raise FileNotFoundError(f'{directory} is not an index (no {MANIFEST}); build one with '
                             '`python -m ivt_jax.search index`')
-  with open(path, encoding='utf-8') as f:
-    manifest = json.load(f)
+  manifest = json.loads(paths.read_text(path))
   if manifest.get('format') != INDEX_FORMAT or manifest.get('version') != INDEX_VERSION:
     raise ValueError(f'{path}: not an {INDEX_FORMAT} version {INDEX_VERSION} manifest '
                      f'(format {manifest.get("format")!r}, version {manifest.get("version")!r})')
-  emb_path = os.path.join(directory, manifest['embeddings'])
-  embeddings = np.load(emb_path)
+  emb_path = paths.join(directory, manifest['embeddings'])
+  embeddings = np.load(io.BytesIO(paths.read_bytes(emb_path))) if paths.is_remote(emb_path) else np.load(emb_path)
   if embeddings.ndim != 2 or len(embeddings) != len(manifest['entries']):
     raise ValueError(f'{emb_path} holds {embeddings.shape} embeddings for {len(manifest["entries"])} '
                      f'entries in {path}: rebuild the index (index --rebuild)')
@@ -127,25 +127,20 @@ def check_identity(index: Index, model: search_model.LoadedModel) -> None:
 
 def _save_index(directory: str, manifest: dict, embeddings: np.ndarray) -> None:
   """Writes embeddings-<id>.npy, then the manifest naming it (atomic replace), then drops the old file."""
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   old = None
   try:
-    with open(os.path.join(directory, MANIFEST), encoding='utf-8') as f:
-      old = json.load(f).get('embeddings')
+    old = json.loads(paths.read_text(paths.join(directory, MANIFEST))).get('embeddings')
   except (OSError, ValueError):
     pass
   name = f'embeddings-{uuid.uuid4().hex[:8]}.npy'
-  tmp = os.path.join(directory, name + '.tmp')
-  with open(tmp, 'wb') as f:
-    np.save(f, np.asarray(embeddings, np.float32))
-  os.replace(tmp, os.path.join(directory, name))
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(embeddings, np.float32))
+  paths.write_bytes_atomic(paths.join(directory, name), buf.getvalue())
   manifest = dict(manifest, embeddings=name)
-  tmp = os.path.join(directory, MANIFEST + '.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(directory, MANIFEST))
-  if old and old != name and os.path.isfile(os.path.join(directory, old)):
-    os.remove(os.path.join(directory, old))
+  paths.write_text_atomic(paths.join(directory, MANIFEST), json.dumps(manifest, indent=1))
+  if old and old != name and paths.isfile(paths.join(directory, old)):
+    paths.remove(paths.join(directory, old))
 
 
 def _under(path: str, root: str) -> bool:
@@ -173,13 +168,13 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
   """
   t0 = time.time()
   root = paths.local(images_dir, 'image folder')
-  out_dir = paths.local(out_dir, 'index directory')
+  out_dir = paths.resolve(out_dir, 'index directory')
   files = list_images(root)
   batch_size = search_model.round_up(max(1, int(batch_size)), model.mesh.size)
   rows: dict[str, tuple[dict, np.ndarray]] = {}
   unreadable: dict[str, dict] = {}
   roots = [root]
-  if not rebuild and os.path.isfile(os.path.join(out_dir, MANIFEST)):
+  if not rebuild and paths.isfile(paths.join(out_dir, MANIFEST)):
     old = load_index(out_dir)
     check_identity(old, model)
     rows = {e['path']: (e, old.embeddings[i]) for i, e in enumerate(old.manifest['entries'])}

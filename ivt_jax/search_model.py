@@ -69,7 +69,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def _checkpoint_dirs(path: str) -> list[str]:
   """Where restore_params looks, in its order: best/, the directory itself, checkpoints/."""
-  return [os.path.join(path, 'best'), path, os.path.join(path, 'checkpoints')]
+  return [paths.join(path, 'best'), path, paths.join(path, 'checkpoints')]
 
 
 def read_checkpoint_meta(checkpoint: str) -> dict:
@@ -78,17 +78,17 @@ def read_checkpoint_meta(checkpoint: str) -> dict:
   Returns the meta with 'directory' and 'step' added.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = paths.local(checkpoint, 'checkpoint')
-  if not os.path.isdir(path):
+  path = paths.resolve(checkpoint, 'checkpoint')
+  if not paths.isdir(path):
     raise FileNotFoundError(f'checkpoint directory {path} does not exist')
   for directory in _checkpoint_dirs(path):
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
       continue
     steps = ocp.utils.checkpoint_steps(directory)
     if not steps:
       continue
     step = max(steps)
-    items = set(os.listdir(os.path.join(directory, str(step))))
+    items = set(paths.listdir(paths.join(directory, str(step))))
     if not items & {'params', 'state'}:
       continue
     meta = {}
@@ -102,10 +102,10 @@ def read_checkpoint_meta(checkpoint: str) -> dict:
 
 
 def _workdir_candidates(checkpoint: str) -> list[str]:
-  path = os.path.abspath(os.path.expanduser(checkpoint)).rstrip(os.sep)
+  path = paths.resolve(checkpoint, 'checkpoint').rstrip(os.sep)
   out = [path]
-  if os.path.basename(path) in ('best', 'checkpoints'):
-    out.append(os.path.dirname(path))
+  if path.rsplit('/', 1)[-1].rsplit(os.sep, 1)[-1] in ('best', 'checkpoints'):
+    out.append(paths.dirname(path))
   return out
 
 
@@ -133,16 +133,13 @@ def find_tokenizer(config: ml_collections.ConfigDict, checkpoint: str, path: str
   from input_pipeline import prepare as prepare_lib  # pylint: disable=g-import-not-at-top (imports tfds)
   looked = []
   for workdir in _workdir_candidates(checkpoint):
-    marker = os.path.join(prepare_lib.data_dir_of(config, workdir), config.data.name, prepare_lib.MARKER_FILE)
+    marker = paths.join(prepare_lib.data_dir_of(config, workdir), config.data.name, prepare_lib.MARKER_FILE)
     looked.append(marker)
-    try:
-      with open(marker, encoding='utf-8') as f:
-        tok_path = json.load(f)['prepared']['tokenizer_path']
-    except (OSError, ValueError, KeyError, TypeError):
-      continue
-    if os.path.isfile(tok_path):
+    tok_path = prepare_lib.tokenizer_of_marker(config, marker)
+    if tok_path and os.path.isfile(tok_path):
       return tokenizers_lib.load_tokenizer(kind, tok_path)
-    looked.append(tok_path)
+    if tok_path:
+      looked.append(tok_path)
   raise FileNotFoundError(f'no {kind} tokenizer found for checkpoint {checkpoint} (looked in '
                           f'{", ".join(looked)}): pass --tokenizer=PATH --tokenizer_kind={kind}')
 
@@ -198,7 +195,7 @@ def load_model(checkpoint: str, config: Optional[ml_collections.ConfigDict] = No
   from ivt_jax import heads  # pylint: disable=g-import-not-at-top
   from ivt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from ivt_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  checkpoint = paths.local(checkpoint, 'checkpoint')
+  checkpoint = paths.resolve(checkpoint, 'checkpoint')
   meta = read_checkpoint_meta(checkpoint)
   if config is None:
     saved = meta.get('config') or fallback_config

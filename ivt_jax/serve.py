@@ -245,7 +245,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def load(args: argparse.Namespace, log=print) -> serve_state.IndexHolder:
   from input_pipeline import paths  # pylint: disable=g-import-not-at-top
   from ivt_jax import search_index  # pylint: disable=g-import-not-at-top
-  directory = paths.local(args.index, '--index')
+  directory = paths.resolve(args.index, '--index')
   model = search_index.model_for_index(search_index.load_index(directory), args.checkpoint, args.config)
   approximate = None
   if args.approximate == 'hnsw':

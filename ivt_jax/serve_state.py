@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from input_pipeline import paths
 from ivt_jax import search_index
 from ivt_jax import search_model
 
@@ -69,8 +70,11 @@ class IndexHolder:
     self._watcher.start()
 
   def _manifest_stamp(self):
+    path = paths.join(self.directory, search_index.MANIFEST)
     try:
-      st = os.stat(os.path.join(self.directory, search_index.MANIFEST))
+      if paths.is_remote(path):  # on Cloud Storage: the manifest itself (small; it names a new embeddings file)
+        return paths.read_bytes(path)
+      st = os.stat(path)
     except OSError:
       return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)

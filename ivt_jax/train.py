@@ -64,9 +64,13 @@ class _Preemption:
 
 
 def _resolve_data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """SynthPEDES is drawn into <workdir>/synthpedes, or for a gs:// workdir into the local cache (it is raw
+  input, read from a local disk; the prepared data go to the bucket)."""
+  from input_pipeline import prepare as prepare_lib
   config = ml_collections.ConfigDict(config.to_dict())
   if config.data.synthetic.enabled and not config.data.manual_dir:
-    config.data.manual_dir = os.path.join(workdir, 'synthpedes')
+    config.data.manual_dir = (os.path.join(prepare_lib.local_cache_of(config, workdir), 'synthpedes')
+                              if paths.is_remote(workdir) else os.path.join(workdir, 'synthpedes'))
   return config
 
 
@@ -108,8 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the experiment; returns the final metrics dict (also in <workdir>/metrics.json).
 
   One run per workdir: process 0 holds the workdir's lock for the whole run (ivt_jax.run_guard)."""
-  workdir = paths.local(workdir, 'workdir')
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir, 'workdir')
+  paths.makedirs(workdir)
   lock = run_guard.WorkdirLock(workdir)
   if jax.process_index() == 0:
     lock.acquire()
@@ -154,7 +158,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   data_iter = prefetch.training_feed(config, data_iter, mesh)
   manager = checkpoints.training_manager(workdir, save_every=config.checkpoint_every_steps,
                                          max_to_keep=config.max_checkpoints)
-  best_manager = checkpoints.params_manager(os.path.join(workdir, 'best'))
+  best_manager = checkpoints.params_manager(paths.join(workdir, 'best'))
   latest = checkpoints.latest_meta(manager)
   if latest is not None:  # before anything is restored: a changed model would fail there, less clearly
     run_guard.check_resume_config(latest[1].get('config'), config.to_dict(),
@@ -252,7 +256,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # Final: the best-by-validation parameters (or the last ones without a val split) on test.
   params = state.params
   if has_val and best_manager.latest_step() is not None:
-    params, _ = checkpoints.restore_params(os.path.join(workdir, 'best'), abstract, shardings)
+    params, _ = checkpoints.restore_params(paths.join(workdir, 'best'), abstract, shardings)
   logging.info('evaluating on test')
   test, emb, sim, source = run_eval(params, 'test')
   writer.write_scalars(total_steps, {f'test/{k}': v for k, v in test.items()})
@@ -260,9 +264,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   result = {'test': test, 'best_val': meta['best_val'], 'best_step': meta['best_step'],
             'steps': total_steps, 'seconds': time.time() - t_start}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-      json.dump(result, f, indent=2)
-    _retrieval_picture(config, emb, sim, source, os.path.join(workdir, 'retrieval.png'))
+    paths.write_text_atomic(paths.join(workdir, 'metrics.json'), json.dumps(result, indent=2))
+    _retrieval_picture(config, emb, sim, source, paths.join(workdir, 'retrieval.png'))
   logging.info('test: %s', _metrics_line(test))
   if jax.process_index() == 0:
     print(_summary(result, workdir), flush=True)
@@ -284,9 +287,9 @@ def _summary(result: dict, workdir: str) -> str:
                  **{name: float(result['best_val'][k]) for k, name in METRIC_NAMES}})
   rows.append({'split': 'test', **{name: float(result['test'][k]) for k, name in METRIC_NAMES}})
   table = console.table(rows, ['split'] + [name for _, name in METRIC_NAMES])
-  params_dir = os.path.join(workdir, 'best' if result.get('best_val') else 'checkpoints')
-  outputs = [f'  metrics      {os.path.join(workdir, "metrics.json")}',
-             f'  picture      {os.path.join(workdir, "retrieval.png")}',
+  params_dir = paths.join(workdir, 'best' if result.get('best_val') else 'checkpoints')
+  outputs = [f'  metrics      {paths.join(workdir, "metrics.json")}',
+             f'  picture      {paths.join(workdir, "retrieval.png")}',
              f'  parameters   {params_dir}',
              f'  TensorBoard  tensorboard --logdir {workdir}']
   return (f'\ntext-to-image retrieval, {result["steps"]} steps, {result["seconds"] / 60:.1f} min\n{table}\n'
@@ -313,7 +316,7 @@ def _retrieval_picture(config, emb, sim, source, path):
     hits.append([bool(emb['image_pid'][g] == emb['text_pid'][q]) for g in top])
   h, w = config.data.image_size
   cell = (128, max(16, int(round(128 * w / h))))
-  visualize.retrieval_grid(captions, ranked, hits, cell=cell).save(path)
+  visualize.save_png(visualize.retrieval_grid(captions, ranked, hits, cell=cell), path)
   logging.info('retrieval picture: %s', path)
 
 

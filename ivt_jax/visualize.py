@@ -1,7 +1,6 @@
 """Pictures: the retrieval grid (a caption and its top-k gallery images, hits marked), the search contact
 sheet (a text query and its top-k files with scores) and attention-map panels (heat maps over an image)."""
 import io
-import os
 import textwrap
 from typing import Optional, Sequence, Union
 
@@ -185,10 +184,11 @@ def attention_figure(image: np.ndarray, panels: Sequence[tuple[str, Optional[np.
 
 
 def save_png(image: Image.Image, path: str) -> str:
-  """Saves a PIL image as PNG (folders created); returns the absolute path."""
-  path = paths.local(path, 'picture')
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  image.save(path, format='PNG')
+  """Saves a PIL image as PNG (folders created; a local path or gs://); returns the absolute path or URL."""
+  path = paths.resolve(path, 'picture')
+  buf = io.BytesIO()
+  image.save(buf, format='PNG')
+  paths.write_bytes_atomic(path, buf.getvalue())
   return path
 
 

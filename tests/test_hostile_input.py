@@ -399,23 +399,41 @@ def test_search_empty_query_refused(hostile_folder, tiny_model, capsys):  # noqa
 # ---- paths -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('url', ['gs://bucket/run', 's3://bucket/run', 'https://example.com/run', 'GS://b/x'])
+@pytest.mark.parametrize('url', ['s3://bucket/run', 'https://example.com/run', 'HDFS://n/x'])
 def test_url_paths_refused_by_name(url, tmp_path, monkeypatch):
+  """Schemes the program cannot write are refused by name, before anything is created (gs:// is supported:
+  tests/test_gcs.py)."""
   from input_pipeline import paths
   from ivt_jax import search_index
   from ivt_jax import train
   from tests.test_train import tiny_demo
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(paths.UnsupportedPathError, match=r"workdir='" + re.escape(url) + "': .* paths are not "
-                     r'supported; this program reads and writes local or mounted file systems only'):
+  scheme = url.split(':')[0].lower()
+  with pytest.raises(paths.UnsupportedPathError, match=r"workdir='" + re.escape(url) + f"': {scheme}:// paths are "
+                     r'not supported; this program reads and writes local or mounted file systems and Cloud '
+                     'Storage'):
     train.train_and_evaluate(tiny_demo(str(tmp_path)), url)
-  assert os.listdir(tmp_path) == []  # nothing was created under the current directory (no ./gs:/bucket/run)
+  assert os.listdir(tmp_path) == []  # nothing was created under the current directory (no ./s3:/bucket/run)
   with pytest.raises(paths.UnsupportedPathError, match='index directory'):
     search_index.load_index(url)
   config = config_for(str(tmp_path))
   config.data.data_dir = url
-  with pytest.raises(paths.UnsupportedPathError, match='data path'):
+  with pytest.raises(paths.UnsupportedPathError, match='config.data.data_dir'):
     prepare_lib.prepare(config, str(tmp_path / 'w'), workers=1)
-  if url.startswith('gs'):
-    with pytest.raises(paths.UnsupportedPathError, match='Cloud Storage FUSE'):
-      paths.local(url, 'workdir')
+
+
+def test_gcs_paths_where_a_local_disk_is_needed(tmp_path):
+  """The raw dataset and image folders to index are read from a local disk: a gs:// path there is refused,
+  saying how to copy or mount it; nothing is contacted."""
+  from input_pipeline import paths
+  from ivt_jax import search_index
+  config = config_for(str(tmp_path))
+  config.data.manual_dir = 'gs://bucket/CUHK-PEDES'
+  with pytest.raises(paths.UnsupportedPathError, match=r"data path='gs://bucket/CUHK-PEDES': .*local .*disk.*"
+                     'gcloud storage cp -r .*Cloud Storage FUSE'):
+    prepare_lib.prepare(config, str(tmp_path / 'w'), workers=1)
+  with pytest.raises(paths.UnsupportedPathError, match='image folder'):
+    search_index.list_images('gs://bucket/photos')
+  assert paths.resolve('GS://Bucket/run/', 'workdir') == 'gs://Bucket/run'
+  with pytest.raises(paths.UnsupportedPathError, match='name a bucket'):
+    paths.resolve('gs://', 'workdir')

@@ -69,8 +69,8 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, overwrite: bool = F
   """Builds the model's parameters from `config`, loads config.init.*, writes <out_dir>/0/{params, meta}."""
   if not any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
     raise ValueError('nothing to convert: set config.init.vit_npz, config.init.bert and/or config.init.ivt')
-  out_dir = paths.local(out_dir, '--out')
-  existing = sorted(ocp.utils.checkpoint_steps(out_dir)) if os.path.isdir(out_dir) else []
+  out_dir = paths.resolve(out_dir, '--out')
+  existing = sorted(ocp.utils.checkpoint_steps(out_dir)) if paths.isdir(out_dir) else []
   if existing and not overwrite:
     raise FileExistsError(f'--out {out_dir} already holds a checkpoint (steps {existing}); pass --overwrite '
                           'to replace it')
