@@ -9,7 +9,8 @@ Where the file system cannot lock (some network file systems), the run goes on w
 On Cloud Storage (a gs:// workdir) there is no file lock: the owner holds a lease instead. `run.lock` is an
 object holding the owner's process id, host, a random token and a heartbeat time that the owner rewrites every
 `heartbeat_s` (30 s) from a background thread. A run finding a lease whose heartbeat is younger than `stale_s`
-(120 s) is refused, naming the owner; an older one (a killed run) is taken over. Two runs starting together both
+(120 s) is refused, naming the owner, unless its process ran on this host and is gone; an older one (a killed
+run elsewhere) is taken over. Two runs starting together both
 write their token and read it back `settle_s` (2 s) later: the one whose token is not there is refused (Cloud
 Storage serves the last complete write to every reader).
 
@@ -133,8 +134,9 @@ class _Lease:
   def acquire(self, workdir: str) -> None:
     current = self._read()
     age = time.time() - float(current.get('heartbeat', 0.0))
-    if current and age < self.stale_s:
-      raise _refusal(workdir, current, f'its lease {self.path} was renewed {age:.0f} s ago')
+    if current and age < self.stale_s and not _dead_here(current):
+      raise _refusal(workdir, current, f'its lease {self.path} was renewed {age:.0f} s ago; if that run was '
+                     f'killed, the lease goes stale {self.stale_s - age:.0f} s from now')
     if current:
       logging.warning('taking over the lease %s of process %s on %s: not renewed for %.0f s (a run that ended '
                       'without releasing it)', self.path, current.get('pid'), current.get('host'), age)
@@ -173,6 +175,19 @@ class _Lease:
       except OSError as e:
         logging.warning('could not remove the lease %s (%s); it goes stale in %.0f s', self.path, e, self.stale_s)
       self._owner = None
+
+
+def _dead_here(owner: dict) -> bool:
+  """The lease's owner ran on this host and its process is gone (a killed run restarted on the same machine)."""
+  if owner.get('host') != socket.gethostname() or not isinstance(owner.get('pid'), int):
+    return False
+  try:
+    os.kill(owner['pid'], 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # alive, another user's
+    return False
+  return False
 
 
 def _read_owner(fd: int) -> dict:

@@ -2,6 +2,9 @@
 import importlib.util
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import jax
@@ -84,6 +87,18 @@ def test_lease_one_run_per_gcs_workdir(gcs):
   third = run_guard.WorkdirLock(workdir, heartbeat_s=60, stale_s=3.0, settle_s=0.1).acquire()
   assert json.loads(paths.read_text(lock_path))['pid'] == os.getpid()
   third.release()
+  # A fresh lease of a process of this host that is gone (kill -9, then the same command): taken at once.
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  paths.write_text_atomic(lock_path, json.dumps({'pid': dead.pid, 'host': socket.gethostname(), 'token': 'old',
+                                                 'heartbeat': time.time()}))
+  fourth = run_guard.WorkdirLock(workdir, heartbeat_s=60, stale_s=3600, settle_s=0.1).acquire()
+  fourth.release()
+  # ... but a live one of another host is waited for, saying how long.
+  paths.write_text_atomic(lock_path, json.dumps({'pid': os.getpid(), 'host': 'tpu-vm-7', 'token': 'theirs',
+                                                 'heartbeat': time.time()}))
+  with pytest.raises(run_guard.RunLockedError, match=r'host tpu-vm-7.*goes stale \d+ s from now'):
+    run_guard.WorkdirLock(workdir, stale_s=3600, settle_s=0.1).acquire()
 
 
 def test_lease_race_has_one_winner(gcs, monkeypatch):
@@ -164,3 +179,29 @@ def test_training_in_a_bucket(gcs, tmp_path, monkeypatch):
   # The same command again: it resumes at the last step in the bucket and trains nothing more.
   again = train.train_and_evaluate(config('gcs'), workdir)
   assert again['test'] == remote['test']
+
+  # Search from the bucket: the model from the gs:// workdir (its tokenizer named by the bucket's marker), an
+  # index written to the bucket with the same vectors as one on a local disk, a contact sheet in the bucket, and
+  # the search server's watcher seeing the index change.
+  from ivt_jax import search
+  from ivt_jax import serve_state
+  folder = os.path.join(prepare_lib.local_cache_of(config('gcs'), workdir), 'synthpedes', 'imgs', 'test')
+  index_dir, local_index = f'gs://{BUCKET}/index', str(tmp_path / 'index')
+  assert search.main(['index', f'--checkpoint={workdir}', f'--images={folder}', f'--out={index_dir}',
+                      '--batch=4']) == 0
+  assert search.main(['index', f'--checkpoint={tmp_path / "local_run"}', f'--images={folder}',
+                      f'--out={local_index}', '--batch=4']) == 0
+  in_bucket, on_disk = search.load_index(index_dir), search.load_index(local_index)
+  assert in_bucket.paths == on_disk.paths and len(in_bucket.paths) > 0
+  np.testing.assert_array_equal(in_bucket.embeddings, on_disk.embeddings)
+  sheet = f'gs://{BUCKET}/sheet.png'
+  assert search.main(['query', f'--index={index_dir}', 'a man in a blue shirt', '--sheet', sheet]) == 0
+  assert paths.read_bytes(sheet)[:4] == b'\x89PNG'
+  holder = serve_state.IndexHolder(index_dir, search.load_model(workdir), check_every_s=3600)
+  try:
+    before = holder._manifest_stamp()  # pylint: disable=protected-access
+    assert search.main(['index', f'--checkpoint={workdir}', f'--images={folder}', f'--out={index_dir}',
+                        '--rebuild']) == 0
+    assert holder._manifest_stamp() != before  # pylint: disable=protected-access
+  finally:
+    holder.close()
