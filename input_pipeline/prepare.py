@@ -161,8 +161,16 @@ def _tokenizer(config, builder, data_dir: str, train: bool) -> str:
           f'config.data.tokenizer=wordpiece needs config.data.vocab_file, the bert-base-uncased '
           f'vocab.txt (got {config.data.vocab_file!r}, which is not a file).')
     return path
+  if kind == 'clip':  # CLIP's merges file: data.vocab_file, else the copy the open_clip package ships
+    from input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
+    path = _expand(config.data.vocab_file) if config.data.vocab_file else tokenizers.clip_vocab_file()
+    if not path or not os.path.isfile(path):
+      raise FileNotFoundError(
+          "config.data.tokenizer=clip needs CLIP's bpe_simple_vocab_16e6.txt.gz: set config.data.vocab_file to "
+          f'it (got {config.data.vocab_file!r}) or install the open_clip package, which ships it.')
+    return path
   if kind != 'sentencepiece':
-    raise ValueError(f"config.data.tokenizer must be 'wordpiece' or 'sentencepiece', got {kind!r}.")
+    raise ValueError(f"config.data.tokenizer must be 'wordpiece', 'sentencepiece' or 'clip', got {kind!r}.")
   size = int(config.data.sentencepiece_vocab_size)
   model_type = config.data.sentencepiece_model_type
   prefix = os.path.join(data_dir, config.data.name, f'spm_{model_type}_{size}')

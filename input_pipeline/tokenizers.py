@@ -9,13 +9,20 @@ Texts longer than the length are cut before the final [SEP], which is always kep
                  load as they are. Built with the `tokenizers` library from a vocab.txt.
   SentencePiece: a BPE (or unigram) model trained on the training captions (`train_sentencepiece`),
                  for training from scratch with a small vocabulary.
+  CLIP:          CLIP's byte-level BPE (49,408 ids) from its released merges file bpe_simple_vocab_16e6.txt.gz
+                 (a path, or the copy the open_clip package ships): <start_of_text> text <end_of_text>, padding
+                 0, ids equal to CLIP's SimpleTokenizer's (ftfy and HTML unescaping, whitespace folded,
+                 lower case, its pre-tokenization pattern, byte-to-unicode map and merge ranks).
 
 `identity()` fingerprints what decides the ids (kind + hash of the vocabulary or of the model's pieces
 and normalizer), so that an index or checkpoint made with one tokenizer can refuse another.
 """
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
+import html
 import logging
 import os
 import re
@@ -29,7 +36,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 _LOG = logging.getLogger(__name__)
 
-KINDS = ('wordpiece', 'sentencepiece')
+KINDS = ('wordpiece', 'sentencepiece', 'clip')
 PAD_ID = 0
 
 # SentencePiece special ids (fixed at training).
@@ -333,11 +340,122 @@ def _run_trainer(lines: list[str], out_prefix: str, vocab_size: int, model_type:
   )
 
 
+CLIP_MERGES = 49152 - 256 - 2  # the merges CLIP uses from its file (the rest are unused)
+
+
+def clip_vocab_file() -> str:
+  """The bpe_simple_vocab_16e6.txt.gz the open_clip package ships ('' if it is not installed)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec('open_clip')
+  if spec is None or not spec.submodule_search_locations:
+    return ''
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'bpe_simple_vocab_16e6.txt.gz')
+  return path if os.path.isfile(path) else ''
+
+
+@functools.lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible map of the 256 bytes to printable characters (CLIP's `bytes_to_unicode`), in its order
+  (the printable bytes first, then the others mapped from 256 on): the order of the first 256 ids."""
+  keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+  chars = {b: chr(b) for b in keep}
+  for extra, b in enumerate(b for b in range(256) if b not in chars):
+    chars[b] = chr(256 + extra)
+  return chars
+
+
+class ClipTokenizer(TextTokenizer):
+  """CLIP's byte-level BPE (module docstring); <start_of_text> as CLS, <end_of_text> as SEP, pad 0."""
+
+  kind = 'clip'
+
+  def __init__(self, path: str = ''):
+    path = os.fspath(path) or clip_vocab_file()
+    _require_file(path, "CLIP's bpe_simple_vocab_16e6.txt.gz (config key data.vocab_file; or install open_clip)")
+    with open(path, 'rb') as f:
+      self._setup(path, f.read())
+
+  def _setup(self, path: str, raw: bytes) -> None:
+    import regex  # pylint: disable=g-import-not-at-top  (\p{L}: the pattern CLIP tokenizes with)
+    try:
+      lines = gzip.decompress(raw).decode('utf-8').split('\n')
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+      raise ValueError(f'{path}: not a gzip-compressed CLIP merges file ({e})') from e
+    merges = [tuple(line.split()) for line in lines[1:CLIP_MERGES + 1]]
+    if len(merges) != CLIP_MERGES or any(len(m) != 2 for m in merges):
+      raise ValueError(f'{path}: expected {CLIP_MERGES} merges of two symbols after the header line, got '
+                       f'{len(merges)} lines (the first malformed: {next((m for m in merges if len(m) != 2), None)})')
+    self._raw = raw
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [v + '</w>' for v in base] + [''.join(m) for m in merges] + ['<start_of_text>', '<end_of_text>']
+    self._encoder = {v: i for i, v in enumerate(vocab)}
+    self._decoder = dict(enumerate(vocab))
+    self._ranks = {m: i for i, m in enumerate(merges)}
+    self._byte_encoder = _bytes_to_unicode()
+    self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+    self._pattern = regex.compile(r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                                  r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+    self._cache = {'<start_of_text>': '<start_of_text>', '<end_of_text>': '<end_of_text>'}
+    fingerprint = hashlib.sha256('\n'.join(' '.join(m) for m in merges).encode('utf-8')).hexdigest()
+    super().__init__(path, len(vocab), self._encoder['<start_of_text>'], self._encoder['<end_of_text>'],
+                     fingerprint)
+
+  def _bpe(self, token: str) -> str:
+    if token in self._cache:
+      return self._cache[token]
+    word = [*token[:-1], token[-1] + '</w>']
+    while len(word) > 1:
+      pairs = {(a, b) for a, b in zip(word, word[1:])}
+      best = min(pairs, key=lambda p: self._ranks.get(p, float('inf')))
+      if best not in self._ranks:
+        break
+      merged, i = [], 0
+      while i < len(word):
+        if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+          merged.append(word[i] + word[i + 1])
+          i += 2
+        else:
+          merged.append(word[i])
+          i += 1
+      word = merged
+    out = ' '.join(word)
+    self._cache[token] = out
+    return out
+
+  @staticmethod
+  def clean(text: str) -> str:
+    import ftfy  # pylint: disable=g-import-not-at-top
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return ' '.join(text.split()).lower()
+
+  def pieces(self, texts: Sequence[str]) -> list[list[int]]:
+    out = []
+    for text in texts:
+      ids = []
+      for token in self._pattern.findall(self.clean(text)):
+        token = ''.join(self._byte_encoder[b] for b in token.encode('utf-8'))
+        ids.extend(self._encoder[p] for p in self._bpe(token).split(' '))
+      out.append(ids)
+    return out
+
+  def _decode_one(self, ids: list[int]) -> str:
+    text = ''.join(self._decoder[i] for i in ids if i not in (self.cls_id, self.sep_id) and i in self._decoder)
+    return bytearray(self._byte_decoder[c] for c in text).decode('utf-8', errors='replace').replace(
+        '</w>', ' ').strip()
+
+  def __getstate__(self):
+    return {'path': self._path, 'raw': self._raw}
+
+  def __setstate__(self, state):
+    self._setup(state['path'], state['raw'])
+
+
 def load_tokenizer(kind: str, path: str) -> TextTokenizer:
   """The tokenizer of a kind from its file.
 
   Args:
-    kind: 'wordpiece' (path: vocab.txt) or 'sentencepiece' (path: .model) (config key data.tokenizer).
+    kind: 'wordpiece' (path: vocab.txt), 'sentencepiece' (path: .model) or 'clip' (path: CLIP's
+      bpe_simple_vocab_16e6.txt.gz; '' = open_clip's copy) (config key data.tokenizer).
     path: the vocabulary or model file.
 
   Raises:
@@ -348,6 +466,8 @@ def load_tokenizer(kind: str, path: str) -> TextTokenizer:
     return WordPieceTokenizer(path)
   if kind == 'sentencepiece':
     return SentencePieceTokenizer(path)
+  if kind == 'clip':
+    return ClipTokenizer(path)
   raise ValueError(f'unknown tokenizer kind {kind!r} (config key data.tokenizer): expected one of {KINDS}')
 
 

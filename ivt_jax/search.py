@@ -113,7 +113,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, required: bool) -> None:
                       help='training workdir, best/ or converted checkpoint directory')
   parser.add_argument('--config', default='', help='config file overriding the checkpoint\'s saved config')
   parser.add_argument('--tokenizer', default='', help='tokenizer file (.model or vocab.txt)')
-  parser.add_argument('--tokenizer_kind', default='', choices=('', 'sentencepiece', 'wordpiece'),
+  parser.add_argument('--tokenizer_kind', default='', choices=('', 'sentencepiece', 'wordpiece', 'clip'),
                       help='kind of --tokenizer (default: the config\'s data.tokenizer)')
 
 

@@ -124,6 +124,9 @@ def find_tokenizer(config: ml_collections.ConfigDict, checkpoint: str, path: str
   kind = kind or config.data.tokenizer
   if path:
     return tokenizers_lib.load_tokenizer(kind, os.path.abspath(os.path.expanduser(path)))
+  if kind == 'clip':
+    vocab = os.path.abspath(os.path.expanduser(config.data.vocab_file)) if config.data.vocab_file else ''
+    return tokenizers_lib.load_tokenizer(kind, vocab)  # '' = the open_clip package's copy
   if kind == 'wordpiece':
     vocab = os.path.abspath(os.path.expanduser(config.data.vocab_file)) if config.data.vocab_file else ''
     if not vocab or not os.path.isfile(vocab):
