@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- model ------------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.head = 'ivt'                # ivt | part
+  c.model.head = 'ivt'                # ivt | part | clip
   c.model.width = 768
   c.model.depth = 12
   c.model.num_heads = 12
@@ -80,6 +80,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)
   c.model.patch_embed = 'auto'        # auto | conv | matmul: the patch convolution's op (auto: matmul on CPU)
   c.model.remat = False
+  # CLIP's two towers (model.head = 'clip'; ivt_jax/clip_model.py): ViT-B/16 and the 12-layer text transformer.
+  # model.patch_size / model.stride give the image tower's patches (CLIP: 16 / 16); dtype, attention, remat apply.
+  c.model.clip = ml_collections.ConfigDict()
+  c.model.clip.vision_width = 768
+  c.model.clip.vision_layers = 12
+  c.model.clip.vision_heads = 12
+  c.model.clip.embed_dim = 512
+  c.model.clip.context_length = 77
+  c.model.clip.text_width = 512
+  c.model.clip.text_layers = 12
+  c.model.clip.text_heads = 8
+  c.model.clip.num_classes = 0        # ID classifier rows: set from the training identities when a run starts
+  c.model.clip.sdm_weight = 1.0       # the objective: weights of SDM, ID, ITC, CMPM (ivt_jax/clip_losses.py)
+  c.model.clip.id_weight = 1.0
+  c.model.clip.itc_weight = 0.0
+  c.model.clip.cmpm_weight = 0.0
+  c.model.clip.temperature = 0.02     # SDM / ITC logits = cosine / temperature (IRRA: fixed, 0.02)
 
   # ---- part head (model.head = 'part'; see ivt_jax/part_model.py and ivt_jax/part_losses.py) -----
   c.part = ml_collections.ConfigDict()

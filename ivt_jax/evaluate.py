@@ -114,11 +114,27 @@ def build(config: ml_collections.ConfigDict, workdir: str):
   tokenizer = tokenizers_lib.load_tokenizer(prepared.tokenizer, prepared.tokenizer_path)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.vocab_size = int(tokenizer.vocab_size)
+  if config.model.head == 'clip' and config.model.clip.id_weight and not config.model.clip.num_classes:
+    config.model.clip.num_classes = len(class_table(config, prepared))
   encoder = heads.build(config)
   mesh = sharding_lib.make_mesh(config)
   abstract = jax.eval_shape(lambda: model_lib.init_module_params(encoder, jax.random.key(0)))
   shardings = sharding_lib.param_shardings(abstract, mesh)
   return config, prepared, tokenizer, encoder, mesh, abstract, shardings
+
+
+def class_table(config: ml_collections.ConfigDict, prepared):
+  """(C,) the sorted person ids of the training split: the CLIP head's ID classes (None for other heads or
+  without the ID loss)."""
+  if config.model.head != 'clip' or not config.model.clip.id_weight:
+    return None
+  from input_pipeline import examples  # pylint: disable=g-import-not-at-top
+  from input_pipeline import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
+  table = np.unique(examples.scan_source(prepare_lib.open_split(prepared, 'train'))[0])
+  if config.model.clip.num_classes and len(table) != config.model.clip.num_classes:
+    raise ValueError(f'model.clip.num_classes={config.model.clip.num_classes}, but the training split of '
+                     f'{prepared.dataset_dir} has {len(table)} identities')
+  return table
 
 
 def run_evaluation(config, params, encoder, mesh, shardings, prepared, tokenizer, split: str,

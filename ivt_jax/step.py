@@ -2,7 +2,8 @@
 
 The head decides the objective and the embeddings: the IVT encoder trains CMPM on its CLS embeddings and embeds
 with them; the part model (ivt_jax.part_model) adds the part losses of ivt_jax.part_losses and embeds with the
-composite vectors whose dot product is its score.
+composite vectors whose dot product is its score; the CLIP towers (ivt_jax.clip_model) train the weighted
+CLIP-family objectives (ivt_jax.clip_losses) and embed with their projected features.
 """
 from typing import Any, Optional, Sequence
 
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ivt_jax import clip_losses
+from ivt_jax import clip_model
 from ivt_jax import losses
 from ivt_jax import model as model_lib
 from ivt_jax import part_losses
@@ -112,18 +115,53 @@ def part_loss_fn(params, batch: dict, rng: jax.Array, encoder: part_model.PartMo
   return total, aux
 
 
+def clip_loss_fn(params, batch: dict, rng: jax.Array, encoder: clip_model.ClipModel,
+                 text_lengths: Optional[Sequence[int]] = None, class_table=None):
+  """The CLIP head's objective over the V B pairs -> (loss, aux): the weighted sum of SDM, ID, ITC and CMPM
+  (model.clip.*_weight; a zero weight skips its term). class_table: (C,) the sorted training person ids; the ID
+  classifier's class of a person is its rank there."""
+  c = encoder.cfg
+  pairs = flatten_levels(batch)
+  rng_img, rng_txt = jax.random.split(rng)
+  images = model_lib.normalize_images(pairs['images'])
+  x = encoder.apply({'params': params}, images, pairs['image_keep'], True, method='embed_images',
+                    rngs={'dropout': rng_img})
+  z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths)
+  pid = pairs['person_id']
+  scale = 1.0 / c.temperature
+  terms = {}
+  if c.sdm_weight:
+    terms['sdm'] = (c.sdm_weight, clip_losses.sdm_loss(x, z, pid, scale))
+  if c.itc_weight:
+    terms['itc'] = (c.itc_weight, clip_losses.itc_loss(x, z, scale))
+  if c.cmpm_weight:
+    terms['cmpm'] = (c.cmpm_weight, losses.cmpm_loss(x, z, pid))
+  if c.id_weight:
+    if class_table is None:
+      raise ValueError('model.clip.id_weight > 0 needs the training identities (class_table)')
+    classes = jnp.searchsorted(jnp.asarray(class_table), pid)
+    logits = lambda f: encoder.apply({'params': params}, f, method='classify')
+    terms['id'] = (c.id_weight, clip_losses.id_loss(logits(x), logits(z), classes))
+  total = sum(w * v for w, v in terms.values())
+  return total, {f'loss_{k}': v for k, (_, v) in terms.items()}
+
+
 def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
                tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int,
-               text_lengths: Optional[Sequence[int]] = None):
+               text_lengths: Optional[Sequence[int]] = None, class_table=None):
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged (the step
   still counts) and sets metrics['finite'] = 0 for the loop to stop on. The part head adds its loss terms to
-  the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on). text_lengths: see
-  `apply_texts` (static)."""
+  the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on), the CLIP head its
+  terms (loss_sdm, loss_id, loss_itc, loss_cmpm). text_lengths: see `apply_texts` (static). class_table: the
+  CLIP head's training identities (`clip_loss_fn`)."""
   rng = jax.random.fold_in(state.rng, state.step)
   aux = {}
   if isinstance(encoder, part_model.PartModel):
     (loss, aux), grads = jax.value_and_grad(part_loss_fn, has_aux=True)(
         state.params, batch, rng, encoder, state.step, steps_per_epoch, text_lengths)
+  elif isinstance(encoder, clip_model.ClipModel):
+    (loss, aux), grads = jax.value_and_grad(clip_loss_fn, has_aux=True)(
+        state.params, batch, rng, encoder, text_lengths, class_table)
   else:
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng, encoder, text_lengths)
   grad_norm = optax.global_norm(grads)

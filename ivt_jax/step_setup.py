@@ -77,12 +77,14 @@ def local_rows(batch: dict) -> dict:
 
 
 def jit_train_step(encoder, tx, schedule, steps_per_epoch: int, text_lengths: Sequence[int], state_shardings,
-                   mesh: jax.sharding.Mesh):
+                   mesh: jax.sharding.Mesh, class_table=None):
   """`step.train_step` jitted as training runs it: the batch split over the mesh, the state donated, the metrics
-  replicated. text_lengths: the levels' positions in the batch's text length (static)."""
+  replicated. text_lengths: the levels' positions in the batch's text length (static). class_table: the sorted
+  training person ids (the CLIP head's ID classifier; a constant of the program)."""
   return jax.jit(
       functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
-                        steps_per_epoch=steps_per_epoch, text_lengths=tuple(text_lengths)),
+                        steps_per_epoch=steps_per_epoch, text_lengths=tuple(text_lengths),
+                        class_table=None if class_table is None else np.asarray(class_table, np.int32)),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
 
@@ -107,8 +109,9 @@ class TrainSetup:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_shardings)
     self.num_params = model_lib.count_params(abstract)
     self.abstract_batch = abstract_batch(config, batch, mesh)
+    classes = config.model.clip.num_classes if config.model.head == 'clip' and config.model.clip.id_weight else 0
     self.step = jit_train_step(self.encoder, self.tx, schedule, steps_per_epoch, shapes.level_text_lengths(config),
-                               self.state_shardings, mesh)
+                               self.state_shardings, mesh, np.arange(classes) if classes else None)
 
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch).compile()
