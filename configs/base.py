@@ -136,7 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.schedule_unit = 'step'      # step: lr at every step on the fractional epoch | epoch: the reference's
                                       # (constant within an epoch, t = 1-based epoch; see ivt_jax/optim.py)
   c.optim.grad_clip_norm = 0.0        # 0 = off
-  c.num_epochs = 120
+  c.num_epochs = 120.0
   c.total_steps = 0                   # 0 = num_epochs x steps per epoch; > 0 stops there (the schedule
                                       # still spans num_epochs)
 

@@ -136,7 +136,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   train_source = prepare_lib.open_split(prepared, 'train')
   steps_per_epoch = sampler_lib.steps_per_epoch(config, train_source)
-  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+  total_steps = config.total_steps or int(round(config.num_epochs * steps_per_epoch))  # num_epochs may be 2.5
   eval_every = max(1, config.eval_every_epochs * steps_per_epoch)
   global_batch = config.data.ids_per_batch * config.data.images_per_id
   levels = len(shapes.mla_levels(config))
