@@ -154,5 +154,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.init.vit_npz = ''
   c.init.bert = ''
   c.init.ivt = ''
+  c.init.clip = ''                    # model.head='clip': OpenAI ViT-B-16.pt, open_clip or Hugging Face CLIPModel
   c.init.allow_random = ''            # comma-separated regexes of params allowed to stay random
   return c

@@ -128,6 +128,20 @@ def merge(params: Any, converted: Sequence[weight_report.Converted], allow_rando
   return traverse_util.unflatten_dict(flat, sep='/'), report
 
 
+def _load_clip(config, params, patterns):
+  from ivt_jax import clip_model  # pylint: disable=g-import-not-at-top
+  from ivt_jax import clip_weights  # pylint: disable=g-import-not-at-top
+  others = [k for k in ('vit_npz', 'bert', 'ivt') if config.init.get(k)]
+  if others:
+    raise ValueError(f"model.head='clip' loads config.init.clip only; unset config.init.{others[0]}")
+  path = config.init.get('clip')
+  arrays, notes = clip_weights.read_clip_file(path)
+  c = clip_weights.convert_clip(arrays, clip_model.clip_config(config), file=os.path.expanduser(path),
+                                strict=False)
+  c.notes[:0] = notes
+  return merge(params, [c], patterns)
+
+
 CONVERTERS = {'vit': weight_mapping.convert_vit, 'bert': weight_mapping.convert_bert,
               'ivt': weight_mapping.convert_ivt}
 
@@ -142,8 +156,12 @@ def load_pretrained(config: ml_collections.ConfigDict, params: Any) -> tuple[Any
   Returns:
     (params with every loaded array replaced by a numpy array, LoadReport).
   """
-  cfg = model_lib.encoder_config(config)
   patterns = parse_allow_random(config.init.get('allow_random', ''))
+  if config.model.head == 'clip':
+    return _load_clip(config, params, patterns)
+  if config.init.get('clip'):
+    raise ValueError(f"config.init.clip is for model.head='clip' (got model.head={config.model.head!r})")
+  cfg = model_lib.encoder_config(config)
   converted = []
   for source, key in (('vit', 'vit_npz'), ('bert', 'bert'), ('ivt', 'ivt')):
     path = config.init.get(key)

@@ -100,7 +100,7 @@ class _StepsByLength:
 
 def _init_params(config, module, shardings, rng):
   params = jax.jit(functools.partial(model_lib.init_module_params, module), out_shardings=shardings)(rng)
-  if any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
+  if any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt', 'clip')):
     from ivt_jax import pretrained
     params, report = pretrained.load_pretrained(config, jax.device_get(params))
     logging.info('pretrained weights:\n%s', report)

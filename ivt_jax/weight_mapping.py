@@ -64,13 +64,15 @@ def _block_hint(key: str, pattern: str, depth: int) -> str:
 def _convert(source: str, file: str, arrays: Mapping[str, np.ndarray], entries: Sequence[_Entry],
              unused: Sequence[tuple[str, str]], cfg: model_lib.EncoderConfig, *,
              names: Optional[Mapping[str, str]] = None, block_pattern: str = '',
-             pre_problems: Sequence[str] = (), strict: bool = True) -> weight_report.Converted:
+             pre_problems: Sequence[str] = (), strict: bool = True,
+             target: Optional[Mapping[str, jax.ShapeDtypeStruct]] = None) -> weight_report.Converted:
   """Applies `entries` to `arrays`; unexpected keys and shape mismatches raise one WeightMappingError
   (strict) or are returned in `Converted.problems`.
 
-  `names` maps the (normalized) keys of `arrays` back to the names in the file, for messages.
+  `names` maps the (normalized) keys of `arrays` back to the names in the file, for messages. `target`: the
+  model's flat parameter shapes (default: the IVT encoder's for `cfg`).
   """
-  target = _target_shapes(cfg)
+  target = _target_shapes(cfg) if target is None else target
   names = names or {}
   name = lambda k: names.get(k, k)
   out, absent, problems, used, rejected = {}, {}, list(pre_problems), set(), set()
@@ -107,7 +109,7 @@ def _convert(source: str, file: str, arrays: Mapping[str, np.ndarray], entries: 
     if why is not None:
       ignored[name(k)] = why
     else:
-      hint = _block_hint(k, block_pattern, cfg.depth) if block_pattern else ''
+      hint = _block_hint(k, block_pattern, cfg.depth) if block_pattern and hasattr(cfg, 'depth') else ''
       problems.append(f'unexpected key: {name(k)!r} {tuple(np.shape(arrays[k]))}{hint}')
   converted = weight_report.Converted(source, file, out, ignored=ignored, absent=absent, problems=problems,
                                       rejected=rejected)
@@ -118,6 +120,8 @@ def _convert(source: str, file: str, arrays: Mapping[str, np.ndarray], entries: 
 
 def _hint(path: str, cfg: model_lib.EncoderConfig) -> str:
   """Which config keys decide a parameter's shape, for the parameters whose size depends on the config."""
+  if not isinstance(cfg, model_lib.EncoderConfig):
+    return _clip_hint(path, cfg)
   if path in ('pos_embed', 'type_embed'):
     return (f' (data.image_size {tuple(cfg.image_size)}, model.patch_size {cfg.patch_size} and model.stride '
             f'{cfg.stride} give {cfg.num_image_tokens} tokens; a checkpoint trained with another stride or image '
@@ -125,6 +129,19 @@ def _hint(path: str, cfg: model_lib.EncoderConfig) -> str:
   if path == 'embeddings/word_embeddings/embedding':
     return (f' (model.vocab_size {cfg.vocab_size} comes from the tokenizer; pretrained text weights need the '
             'vocabulary they were trained with, e.g. data.tokenizer=wordpiece with bert-base-uncased vocab.txt)')
+  return ''
+
+
+def _clip_hint(path: str, cfg) -> str:
+  if path == 'visual/positional_embedding':
+    return (f' (data.image_size {tuple(cfg.image_size)} with model.patch_size {cfg.patch_size} and model.stride '
+            f'{cfg.stride}: {cfg.num_image_tokens} tokens)')
+  if path == 'text/token_embedding/embedding':
+    return (f' (model.vocab_size {cfg.vocab_size} comes from the tokenizer: CLIP weights need '
+            "data.tokenizer='clip')")
+  if '/resblocks_' in path or path.endswith(('proj', 'projection')):
+    return (' (the towers: model.clip.vision_width/_layers/_heads, text_width/_layers/_heads, embed_dim; '
+            'ViT-B/16: 768/12/12, 512/12/8, 512)')
   return ''
 
 

@@ -10,8 +10,9 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 
-SOURCES = ('vit', 'bert', 'ivt')  # the order in which the layers are applied
-CONFIG_KEYS = {'vit': 'config.init.vit_npz', 'bert': 'config.init.bert', 'ivt': 'config.init.ivt'}
+SOURCES = ('vit', 'bert', 'ivt', 'clip')  # the order in which the layers are applied
+CONFIG_KEYS = {'vit': 'config.init.vit_npz', 'bert': 'config.init.bert', 'ivt': 'config.init.ivt',
+               'clip': 'config.init.clip'}
 
 class WeightMappingError(ValueError):
   """Pretrained arrays that do not fit the model; `problems` lists every one."""
@@ -107,7 +108,7 @@ class LoadReport:
     for group, origins in groups.items():
       parts = []
       for label, blocks in origins.items():
-        text = label + (f' [blocks {_ranges(blocks)}]' if blocks and group.startswith('blocks_*') else '')
+        text = label + (f' [blocks {_ranges(blocks)}]' if blocks and 'blocks_*' in group else '')
         parts.append(text)
       lines.append(f'  {group:<{width}}  ' + '; '.join(parts))
     reasons = sorted(set(self.by_design.values()))
@@ -139,6 +140,12 @@ def _group_of(path: str) -> tuple[str, Optional[int]]:
   m = re.fullmatch(r'blocks_(\d+)', parts[0])
   if m:
     return 'blocks_*/' + parts[1], int(m.group(1))
+  if len(parts) > 3 and parts[1] == 'transformer':  # the CLIP head: visual|text/transformer/resblocks_N/...
+    m = re.fullmatch(r'resblocks_(\d+)', parts[2])
+    if m:
+      return f'{parts[0]}/blocks_*/{parts[3]}', int(m.group(1))
+  if parts[0] in ('visual', 'text') and len(parts) > 1:
+    return f'{parts[0]}/{parts[1]}', None
   return parts[0], None
 
 

@@ -53,10 +53,13 @@ STEP = 0
 
 
 def resolve_vocab_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` whose model.vocab_size is the WordPiece vocab_file's size when one is configured."""
+  """A copy of `config` whose model.vocab_size is the WordPiece vocab_file's size when one is configured, or
+  CLIP's BPE size with data.tokenizer='clip'."""
+  from input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
+  if config.data.tokenizer == 'clip':  # CLIP's BPE: 49,408 ids (data.vocab_file or open_clip's merges file)
+    config.model.vocab_size = int(tokenizers.load_tokenizer('clip', config.data.vocab_file).vocab_size)
   if config.data.tokenizer == 'wordpiece' and config.data.vocab_file:
-    from input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
     size = int(tokenizers.load_tokenizer('wordpiece', config.data.vocab_file).vocab_size)
     if size != config.model.vocab_size:
       logging.info('model.vocab_size %d -> %d from data.vocab_file %s', config.model.vocab_size, size,
@@ -67,8 +70,9 @@ def resolve_vocab_size(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 def convert(config: ml_collections.ConfigDict, out_dir: str, overwrite: bool = False) -> weight_report.LoadReport:
   """Builds the model's parameters from `config`, loads config.init.*, writes <out_dir>/0/{params, meta}."""
-  if not any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt')):
-    raise ValueError('nothing to convert: set config.init.vit_npz, config.init.bert and/or config.init.ivt')
+  if not any(config.init.get(k) for k in ('vit_npz', 'bert', 'ivt', 'clip')):
+    raise ValueError('nothing to convert: set config.init.vit_npz, config.init.bert and/or config.init.ivt (or '
+                     "config.init.clip with model.head='clip')")
   out_dir = paths.resolve(out_dir, '--out')
   existing = sorted(ocp.utils.checkpoint_steps(out_dir)) if paths.isdir(out_dir) else []
   if existing and not overwrite:
