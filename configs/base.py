@@ -123,13 +123,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- optimisation -----------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'sgd'                # sgd (reference) | adamw
+  c.optim.name = 'sgd'                # sgd (reference) | adamw | adam (L2 weight decay, as IRRA's torch Adam)
   c.optim.lr = 0.005
   c.optim.bias_lr_factor = 2.0
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8                  # Adam's epsilon (IRRA: 1e-3)
+  c.optim.new_layers = ''             # regex of parameter paths trained at new_layer_lr_factor x lr (IRRA: the
+  c.optim.new_layer_lr_factor = 1.0   # classifier at 5x); they take precedence over bias_lr_factor
+  c.optim.schedule_shape = 'cosine'   # cosine: over all epochs, warmup included (IVT) | warmup_then_cosine (IRRA)
   c.optim.warmup_epochs = 5.0
   c.optim.warmup_init_lr = 5e-5
   c.optim.min_lr = 1e-5

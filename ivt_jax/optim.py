@@ -1,5 +1,7 @@
 """The Optax optimizer from the config: the reference recipe (SGD momentum, bias lr x2, weight decay, linear
-warmup then cosine, by step or, as the reference, by epoch) and AdamW as an option; optional gradient clipping."""
+warmup then cosine, by step or, as the reference, by epoch), AdamW, and IRRA's CLIP recipe (Adam with coupled L2
+weight decay and its eps, the new layers at a higher lr, warmup then a cosine over the remaining epochs);
+optional gradient clipping."""
 import re
 
 import jax
@@ -9,6 +11,7 @@ import optax
 
 
 SCHEDULE_UNITS = ('step', 'epoch')
+SCHEDULE_SHAPES = ('cosine', 'warmup_then_cosine')
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -31,6 +34,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   unit = o.schedule_unit
   if unit not in SCHEDULE_UNITS:
     raise ValueError(f'optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}')
+  shape = o.get('schedule_shape', 'cosine')
+  if shape not in SCHEDULE_SHAPES:
+    raise ValueError(f'optim.schedule_shape must be one of {SCHEDULE_SHAPES}, got {shape!r}')
+  if shape == 'warmup_then_cosine':
+    return _warmup_then_cosine(o, total, warm, unit, steps_per_epoch)
 
   def warmup(t):
     return o.warmup_init_lr + (o.lr - o.warmup_init_lr) * t / max(warm, 1e-9)
@@ -47,6 +55,26 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     return jnp.where(t < warm, warmup(t), jnp.where(t < total, cosine(t), o.min_lr))
 
   return per_epoch if unit == 'epoch' else per_step
+
+
+def _warmup_then_cosine(o, total: float, warm: float, unit: str, steps_per_epoch: int) -> optax.Schedule:
+  """IRRA's LRSchedulerWithWarmup (mode 'cosine', linear warmup): t < warmup_epochs -> warmup_init_lr + (lr -
+  warmup_init_lr) t / warmup_epochs; then min_lr + (lr - min_lr) (1 + cos(pi (t - warmup) / (total - warmup))) / 2.
+  unit 'epoch': t = the 0-based epoch (torch's scheduler stepped once per epoch, as IRRA); 'step': t = step /
+  steps_per_epoch."""
+  if total <= warm:
+    raise ValueError(f'optim.warmup_epochs ({warm}) must be below num_epochs ({total}) for warmup_then_cosine')
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32) / steps_per_epoch
+    if unit == 'epoch':
+      t = jnp.floor(t)
+    warmup = o.warmup_init_lr + (o.lr - o.warmup_init_lr) * t / max(warm, 1e-9)
+    ratio = jnp.clip((t - warm) / (total - warm), 0.0, 1.0)
+    cosine = o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + jnp.cos(jnp.pi * ratio))
+    return jnp.where(t < warm, warmup, cosine)
+
+  return schedule
 
 
 def _path_names(tree):
@@ -68,8 +96,11 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   """-> (optax.GradientTransformation, lr schedule)."""
   o = config.optim
   schedule = learning_rate_schedule(config, steps_per_epoch)
+  new_layers = re.compile(o.get('new_layers', '') or r'(?!x)x')  # '' matches nothing
+  new_factor = float(o.get('new_layer_lr_factor', 1.0))
   lr_factor = lambda params: jax.tree_util.tree_map(
-      lambda n: o.bias_lr_factor if is_bias(n) else 1.0, _path_names(params))
+      lambda n: new_factor if new_layers.search(n) else (o.bias_lr_factor if is_bias(n) else 1.0),
+      _path_names(params))
   parts = []
   if o.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
@@ -78,10 +109,16 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     parts += [optax.add_decayed_weights(o.weight_decay), optax.trace(decay=o.momentum, nesterov=False)]
   elif o.name == 'adamw':
     decay_mask = lambda params: jax.tree_util.tree_map(is_decayed_for_adamw, _path_names(params))
-    parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2),
+    parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=float(o.get('eps', 1e-8))),
               optax.add_decayed_weights(o.weight_decay, mask=decay_mask)]
+  elif o.name == 'adam':
+    # torch.optim.Adam with weight_decay (IRRA): g += wd * p before the moments (L2, not decoupled), every
+    # parameter but the biases (IRRA's weight_decay_bias = 0).
+    not_bias = lambda params: jax.tree_util.tree_map(lambda n: not is_bias(n), _path_names(params))
+    parts += [optax.add_decayed_weights(o.weight_decay, mask=not_bias),
+              optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=float(o.get('eps', 1e-8)))]
   else:
-    raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
+    raise ValueError(f"optim.name must be 'sgd', 'adamw' or 'adam', got {o.name!r}")
   parts += [optax.scale_by_learning_rate(schedule),
             _scale_by_tree(lr_factor)]
   return optax.chain(*parts), schedule

@@ -1,4 +1,5 @@
 """The learning-rate schedules (per step, and the reference's per epoch) and the optimizer's parameter groups."""
+import functools
 import math
 
 import jax
@@ -80,3 +81,71 @@ def test_sgd_biases_get_the_bias_lr_factor_and_weight_decay_as_torch_sgd():
   np.testing.assert_allclose(updates['dense']['bias'], -0.2 * (0.5 + 0.01), rtol=1e-6)
   updates, state = tx.update(grads, state, params)  # second step: buf = 0.9 * buf + g + wd * p
   np.testing.assert_allclose(updates['dense']['kernel'], -0.1 * (0.9 * 0.51 + 0.51), rtol=1e-6)
+
+
+def _irra_lr(epoch, base_lr=1e-5, warmup_factor=0.1, warmup_epochs=5, total=60, target_lr=0.0):
+  """A transcription of IRRA's LRSchedulerWithWarmup(mode='cosine', warmup_method='linear').get_lr() for
+  last_epoch = epoch (stepped once per epoch from 0)."""
+  if epoch < warmup_epochs:
+    alpha = epoch / warmup_epochs
+    return base_lr * (warmup_factor * (1 - alpha) + alpha)
+  ratio = (epoch - warmup_epochs) / (total - warmup_epochs)
+  return target_lr + (base_lr - target_lr) * 0.5 * (1 + math.cos(math.pi * ratio))
+
+
+def _irra_config():
+  c = _config('epoch', epochs=60, warmup=5.0, lr=1e-5, warmup_init=1e-6, min_lr=0.0)
+  c.optim.schedule_shape = 'warmup_then_cosine'
+  return c
+
+
+def test_irra_schedule_per_epoch():
+  steps_per_epoch = 3
+  schedule = jax.jit(optim.learning_rate_schedule(_irra_config(), steps_per_epoch))
+  ours = np.asarray(jax.vmap(schedule)(jnp.arange(60 * steps_per_epoch)))
+  want = np.repeat([_irra_lr(e) for e in range(60)], steps_per_epoch)
+  np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-12)
+  c = _irra_config()
+  c.optim.warmup_epochs = 60.0
+  with pytest.raises(ValueError, match='warmup_epochs .* must be below num_epochs'):
+    optim.learning_rate_schedule(c, steps_per_epoch)
+
+
+def test_irra_adam_groups_match_torch_adam_loops():
+  """optim.name='adam' as torch.optim.Adam(betas, eps=1e-3) with IRRA's parameter groups: weight decay (L2, added
+  to the gradient) on all but biases, biases at 2x lr, the classifier (new_layers) at 5x lr (its bias too)."""
+  c = _irra_config()
+  c.optim.name = 'adam'
+  c.optim.eps = 1e-3
+  c.optim.weight_decay = 4e-5
+  c.optim.bias_lr_factor = 2.0
+  c.optim.new_layers = r'^classifier/'
+  c.optim.new_layer_lr_factor = 5.0
+  c.optim.schedule_unit = 'step'
+  c.optim.warmup_epochs = 0.0
+  c.num_epochs = 1000
+  tx, schedule = optim.make_optimizer(c, 1)
+  rng = np.random.default_rng(0)
+  params = {'visual': {'proj': rng.normal(size=(3, 2)), 'ln_pre': {'bias': rng.normal(size=(2,))}},
+            'classifier': {'kernel': rng.normal(size=(2, 4)), 'bias': rng.normal(size=(4,))}}
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+  grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+           for _ in range(3)]
+  state = tx.init(params)
+  p = params
+  for g in grads:
+    u, state = tx.update(g, state, p)
+    p = jax.tree_util.tree_map(lambda a, b: a + b, p, u)
+  factors = {('visual', 'proj'): (1.0, True), ('visual', 'ln_pre', 'bias'): (2.0, False),
+             ('classifier', 'kernel'): (5.0, True), ('classifier', 'bias'): (5.0, False)}
+  for path, (factor, decayed) in factors.items():
+    get = lambda tree: np.asarray(functools.reduce(lambda t, k: t[k], path, tree), np.float64)
+    x, m, v = get(params), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+      grad = get(g) + (4e-5 * x if decayed else 0.0)
+      m = 0.9 * m + 0.1 * grad
+      v = 0.999 * v + 0.001 * grad * grad
+      m_hat, v_hat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
+      lr = float(schedule(t - 1)) * factor
+      x = x - lr * m_hat / (np.sqrt(v_hat) + 1e-3)
+    np.testing.assert_allclose(get(p), x, rtol=1e-5, atol=1e-9, err_msg=str(path))
