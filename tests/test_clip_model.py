@@ -1,6 +1,7 @@
 """The CLIP head: its towers' BMM and causal semantics, the objective's terms, and the program end to end."""
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +156,34 @@ def test_clip_head_trains_evaluates_and_serves_search(tmp_path):
   emb = search.embed_texts(model, ['a man in a red coat'])
   assert emb.shape == (1, 32) and abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
   assert os.path.isfile(os.path.join(workdir, 'metrics.json'))
+
+
+@pytest.mark.slow
+def test_clip_head_on_8_devices_matches_one_device(tmp_path):
+  """Data and FSDP sharding (2 x 4) train the two towers and the ID classifier as one device does."""
+  from ivt_jax import train
+  from tests.test_train import _assert_trees, _final_params, tiny_demo
+  assert jax.device_count() == 8
+  c = tiny_demo(str(tmp_path / 'data'))
+  c.model.head = 'clip'
+  c.model.clip.update(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
+                      text_heads=2, embed_dim=32, context_length=64)
+  c.total_steps = 3
+  c.mesh.data, c.mesh.fsdp = 1, 1
+  train.train_and_evaluate(c, str(tmp_path / 'one'))
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  train.train_and_evaluate(c, str(tmp_path / 'eight'))
+  _, p1 = _final_params(str(tmp_path / 'one'))
+  _, p8 = _final_params(str(tmp_path / 'eight'))
+  assert set(p1) == {'visual', 'text', 'classifier'}
+  # The key bias (the middle third of attn_in_proj/bias) adds the same q.b_k to every logit of a query, which
+  # the softmax ignores: its true gradient is 0, its computed one rounding noise, which Adam scales up to
+  # +-lr per step with a sign that depends on the summation order. Everything else is compared.
+  def without_key_bias(tree):
+    flat = flax.traverse_util.flatten_dict(jax.device_get(tree), sep='/')
+    for k, v in flat.items():
+      if k.endswith('attn_in_proj/bias'):
+        n = v.shape[0] // 3
+        flat[k] = np.concatenate([v[:n], v[2 * n:]])
+    return flat
+  _assert_trees(without_key_bias(p1), without_key_bias(p8), atol=5e-5)  # Adam near 0: see test_train.py
