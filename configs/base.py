@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic.val_ids = 0
   c.data.synthetic.test_ids = 0
   c.data.synthetic.hard_negative_fraction = 0.25
+  c.data.synthetic.train_hard_negative_fraction = -1.0  # the training split's alone (-1: as above); val/test unchanged
   c.data.image_size = (384, 128)      # (H, W) after resize
   c.data.text_length = 128            # tokens incl. [CLS]/[SEP]: longer captions are cut (the reference cuts none;
                                       # CUHK-PEDES's real captions: median 28 WordPiece tokens, the longest seen 63)

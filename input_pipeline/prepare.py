@@ -125,6 +125,8 @@ def _maybe_generate_synthetic(config, manual_dir: str, workers: int) -> None:
                      image_size=tuple(int(s) for s in syn.image_size), val_ids=int(syn.val_ids) or None,
                      test_ids=int(syn.test_ids) or None,
                      hard_negative_fraction=float(syn.hard_negative_fraction), workers=workers,
+                     train_hard_negative_fraction=(None if float(syn.get('train_hard_negative_fraction', -1.0)) < 0
+                                                   else float(syn.train_hard_negative_fraction)),
                      eval_images_per_id=eval_images)
 
 

@@ -143,6 +143,22 @@ def test_more_training_identities_leave_val_and_test_unchanged(tmp_path):
   assert len([r for r in b if r['split'] == 'train']) > len([r for r in a if r['split'] == 'train'])
 
 
+def test_training_hard_negatives_alone_leave_val_and_test_unchanged():
+  from input_pipeline.synthetic import identities
+  base = identities.make_identities(200, seed=3, val_ids=20, test_ids=40, hard_negative_fraction=0.25)
+  more = identities.make_identities(200, seed=3, val_ids=20, test_ids=40, hard_negative_fraction=0.25,
+                                    train_hard_negative_fraction=0.5)
+  same = identities.make_identities(200, seed=3, val_ids=20, test_ids=40, hard_negative_fraction=0.25,
+                                    train_hard_negative_fraction=0.25)
+  assert same == base
+  evaluation = lambda ids: [a for a in ids if a['split'] != 'train']
+  assert evaluation(more) == evaluation(base)
+  hard = lambda ids: sum(a['hard_negative_of'] is not None for a in ids if a['split'] == 'train')
+  assert (hard(base), hard(more)) == (35, 70)  # round(0.25 * 140), round(0.5 * 140)
+  with pytest.raises(ValueError, match='train_hard_negative_fraction must be in'):
+    identities.make_identities(20, train_hard_negative_fraction=1.0)
+
+
 def test_weighted_choice_draws_as_numpy_choice():
   options, weights = list('abcdefghijkl'), [3.0, 1.0, 0.5, 2.0, 1.0, 1.0, 4.0, 0.25, 1.0, 1.0, 2.0, 1.5]
   ours, numpys = np.random.default_rng(11), np.random.default_rng(11)

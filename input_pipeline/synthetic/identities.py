@@ -218,7 +218,8 @@ def split_sizes(num_ids: int, val_ids: int | None = None, test_ids: int | None =
 
 
 def make_identities(num_ids: int, seed: int = 0, val_ids: int | None = None, test_ids: int | None = None,
-                    hard_negative_fraction: float = 0.25) -> list[dict[str, Any]]:
+                    hard_negative_fraction: float = 0.25,
+                    train_hard_negative_fraction: float | None = None) -> list[dict[str, Any]]:
   """All identities: dicts of attributes plus 'id' (from 1), 'split' and 'hard_negative_of' (id or None).
 
   Ids are consecutive per split (train, then val, then test). The splits are sampled test first, then val,
@@ -227,17 +228,23 @@ def make_identities(num_ids: int, seed: int = 0, val_ids: int | None = None, tes
   the base identities prefer an (upper colour, lower colour) pair not used yet in this round (a round ends
   when 40 draws find none), then round(fraction * n) hard
   negatives copy a base identity of the same split with 1 or 2 described groups changed. No two identities
-  share `described_key`.
+  share `described_key`. `train_hard_negative_fraction` (None: `hard_negative_fraction`) sets the training
+  split's fraction alone; the val and test identities, sampled before, do not change with it.
   """
-  if not 0.0 <= hard_negative_fraction < 1.0:
-    raise ValueError(f'hard_negative_fraction must be in [0, 1), got {hard_negative_fraction}.')
+  if train_hard_negative_fraction is None:
+    train_hard_negative_fraction = hard_negative_fraction
+  for name, v in (('hard_negative_fraction', hard_negative_fraction),
+                  ('train_hard_negative_fraction', train_hard_negative_fraction)):
+    if not 0.0 <= v < 1.0:
+      raise ValueError(f'{name} must be in [0, 1), got {v}.')
   sizes = split_sizes(num_ids, val_ids, test_ids)
   rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E1D]))
   used: set[tuple] = set()
   by_split: dict[str, list[dict[str, Any]]] = {}  # in id order within the split
   for split in SAMPLING_ORDER:
     n = sizes[split]
-    n_hard = min(round(hard_negative_fraction * n), n - 1) if n > 1 else 0
+    fraction = train_hard_negative_fraction if split == 'train' else hard_negative_fraction
+    n_hard = min(round(fraction * n), n - 1) if n > 1 else 0
     base: list[dict[str, Any]] = []
     pairs: set[tuple] = set()
     while len(base) < n - n_hard:

@@ -37,12 +37,15 @@ def _file_path(split: str, pid: int, n: int, num_ids: int, images_per_id: int) -
 
 
 def _params(num_ids, images_per_id, seed, image_size, val_ids, test_ids, hard_negative_fraction,
-            eval_images_per_id) -> dict:
+            eval_images_per_id, train_hard_negative_fraction=None) -> dict:
   sizes = split_sizes(num_ids, val_ids, test_ids)
   return {'version': VERSION, 'num_ids': int(num_ids), 'images_per_id': int(images_per_id),
           'eval_images_per_id': int(eval_images_per_id), 'seed': int(seed),
           'image_size': [int(image_size[0]), int(image_size[1])], 'val_ids': sizes['val'],
-          'test_ids': sizes['test'], 'hard_negative_fraction': float(hard_negative_fraction)}
+          'test_ids': sizes['test'], 'hard_negative_fraction': float(hard_negative_fraction),
+          # recorded only when set, so that earlier generations stay valid
+          **({} if train_hard_negative_fraction is None else
+             {'train_hard_negative_fraction': float(train_hard_negative_fraction)})}
 
 
 def _check_args(num_ids, images_per_id, eval_images_per_id, image_size, workers) -> None:
@@ -73,7 +76,8 @@ def is_complete(out_dir: str, params: dict | None = None) -> bool:
 def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
              image_size: Sequence[int] = DEFAULT_IMAGE_SIZE, val_ids: int | None = None,
              test_ids: int | None = None, hard_negative_fraction: float = 0.25, workers: int = 1,
-             log_every: int = 500, eval_images_per_id: int | None = None) -> str:
+             log_every: int = 500, eval_images_per_id: int | None = None,
+             train_hard_negative_fraction: float | None = None) -> str:
   """Writes SynthPEDES into out_dir (see the module docstring); returns the path of reid_raw.json.
 
   Skips the work when out_dir already holds a complete generation with the same parameters. val_ids /
@@ -85,7 +89,7 @@ def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
   _check_args(num_ids, images_per_id, eval_images_per_id, image_size, workers)
   image_size = (int(image_size[0]), int(image_size[1]))
   params = _params(num_ids, images_per_id, seed, image_size, val_ids, test_ids, hard_negative_fraction,
-                   eval_images_per_id)
+                   eval_images_per_id, train_hard_negative_fraction)
   json_path = os.path.join(out_dir, JSON_FILE)
   if is_complete(out_dir, params):
     logging.info('SynthPEDES: %s is up to date (%s); not regenerating.', out_dir, params)
@@ -103,7 +107,8 @@ def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
   os.makedirs(out_dir, exist_ok=True)
   _write_json(params_path, {'params': params, 'complete': False})
 
-  identities = make_identities(num_ids, seed, val_ids, test_ids, hard_negative_fraction)
+  identities = make_identities(num_ids, seed, val_ids, test_ids, hard_negative_fraction,
+                               train_hard_negative_fraction)
   for split in SPLITS:
     os.makedirs(os.path.join(imgs, split), exist_ok=True)
   records, jobs = [], []
