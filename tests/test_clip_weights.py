@@ -213,3 +213,23 @@ def test_loaded_from_a_file_with_the_report(tmp_path):
   c.init.ivt = str(path)
   with pytest.raises(ValueError, match='unset config.init.ivt'):
     pretrained.load_pretrained(c, params)
+
+
+def test_parity_tool_against_openai_clip(tmp_path, capsys):
+  """`ivt_jax.tools.clip_parity`: OpenAI's own CLIP (a checkout named by $CLIP_REFERENCE_REPO, run with torch)
+  through a TorchScript archive; without torch the tool says what it needs."""
+  import importlib.util
+  import os
+  from ivt_jax.tools import clip_parity
+  repo = os.environ.get('CLIP_REFERENCE_REPO', '')
+  if importlib.util.find_spec('torch') is None:
+    assert clip_parity.main(['--reference_repo', repo or str(tmp_path)]) == 2
+    assert 'needs torch' in capsys.readouterr().err
+    pytest.skip('torch is not installed: the comparison with OpenAI\'s model runs where it is')
+  if not repo:
+    pytest.skip('set CLIP_REFERENCE_REPO to a checkout of openai/CLIP')
+  out = tmp_path / 'parity.json'
+  assert clip_parity.main(['--reference_repo', repo, '--torchscript', '--json', str(out)]) == 0
+  import json
+  result = json.loads(out.read_text())
+  assert result['pass'] and result['image_max_abs_diff'] < 1e-4 and result['text_max_abs_diff'] < 1e-4
