@@ -102,10 +102,6 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def mtime(path: str) -> float:
-  return float(epath(path).stat().mtime) if is_remote(path) else os.stat(path).st_mtime
-
-
 def read_bytes(path: str) -> bytes:
   if is_remote(path):
     return epath(path).read_bytes()
