@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.pad = 10
   c.data.augment.flip_prob = 0.5
   c.data.augment.erase_prob = 0.5
+  c.data.augment.erase_max_area = 1.0 / 3.0  # erased box: up to this fraction of the image (timm; IRRA: 0.4)
+  c.data.augment.erase_fill = 'noise'  # noise (timm) | clip_mean (IRRA: CLIP's channel means)
   c.data.bmm_ratio = 0.2              # BMM: drop U{0..floor(ratio*N)} non-CLS tokens per modality
   c.data.bmm_pattern = 'sample'       # sample: a pattern per sample, level and modality | batch: the reference's,
                                       # one per batch for all image views and one for all texts

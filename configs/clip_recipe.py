@@ -8,8 +8,9 @@
 
 Differences from IRRA, on purpose: batches are identity-balanced (64 = 64 identities x 1 image: almost every
 sample a different person, as IRRA's random sampler), the checkpoint is chosen on the val split (IRRA picks it on
-test), and the augmentation is this project's (pad 10 + crop, flip, erasing with noise: IRRA erases up to 40% of
-the image with the mean colour, 33% here). MLA and BMM, IVT's contributions, are switches:
+test). The augmentation is IRRA's --img_aug: flip, pad 10 and crop, erasing (probability 0.5, up to 40% of the
+image, filled with CLIP's mean colour); the images are resized with bicubic interpolation (IRRA: bilinear). MLA and
+BMM, IVT's contributions, are switches:
   --config.data.mla_levels="('sentence','phrase','word')"   the three MLA levels (default here: the sentence)
   --config.data.bmm_ratio=0.2                                BMM token drops in both towers (default here: 0)
 """
@@ -34,6 +35,7 @@ def apply(c):
   c.data.word_text_length = 0
   c.data.mla_levels = ('sentence',)
   c.data.bmm_ratio = 0.0
+  c.data.augment.update(pad=10, flip_prob=0.5, erase_prob=0.5, erase_max_area=0.4, erase_fill='clip_mean')
   c.data.ids_per_batch = 64
   c.data.images_per_id = 1
   c.optim.name = 'adam'

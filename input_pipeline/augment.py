@@ -23,6 +23,9 @@ box is filled with per-pixel, per-channel standard normal noise in the normalize
 Difference: the noise is written in uint8 space, u = round(127.5 (n + 1)) clipped to [0, 255], so
 values with |n| > 1 (about 32% of them) saturate at the ends of the pixel range, and all values
 are quantized to the 256 pixel levels. The erased box is otherwise identical.
+Options (data.augment): `erase_max_area` (timm's 1/3; IRRA's torchvision RandomErasing: 0.4) and `erase_fill`:
+'noise' (timm's) or 'clip_mean', IRRA's `value=mean` given after normalization, i.e. CLIP's channel means in
+CLIP-normalized units: the pixel round(255 (m s + m)) per channel (m, s: CLIP's mean and std).
 """
 from __future__ import annotations
 
@@ -36,7 +39,11 @@ from input_pipeline import images
 
 TRAIN_RESAMPLE = PIL.Image.Resampling.BICUBIC  # the reference's T.Resize(..., interpolation=3)
 EVAL_RESAMPLE = PIL.Image.Resampling.BILINEAR  # the reference's T.Resize(...) default
-ERASE_AREA = (0.02, 1.0 / 3.0)                # timm RandomErasing min_area, max_area
+ERASE_AREA = (0.02, 1.0 / 3.0)                # timm RandomErasing min_area, max_area (max: data.augment option)
+ERASE_FILLS = ('noise', 'clip_mean')
+CLIP_MEAN_PIXEL = tuple(int(round(255 * (m * s + m))) for m, s in ((0.48145466, 0.26862954),
+                                                                    (0.4578275, 0.26130258),
+                                                                    (0.40821073, 0.27577711)))
 ERASE_MIN_ASPECT = 0.3                        # timm RandomErasing min_aspect (max = 1 / min)
 ERASE_ATTEMPTS = 10
 
@@ -111,12 +118,13 @@ def random_hflip(image: np.ndarray, prob: float, rng: np.random.Generator) -> np
   return image
 
 
-def erase_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+def erase_box(h: int, w: int, rng: np.random.Generator, max_area: float = ERASE_AREA[1]
+              ) -> tuple[int, int, int, int] | None:
   """timm RandomErasing's box draw for an (h, w) image: (top, left, box_h, box_w) or None."""
   area = h * w
   log_lo, log_hi = math.log(ERASE_MIN_ASPECT), math.log(1.0 / ERASE_MIN_ASPECT)
   for _ in range(ERASE_ATTEMPTS):
-    target_area = rng.uniform(*ERASE_AREA) * area
+    target_area = rng.uniform(ERASE_AREA[0], max_area) * area
     aspect = math.exp(rng.uniform(log_lo, log_hi))
     bh = int(round(math.sqrt(target_area * aspect)))
     bw = int(round(math.sqrt(target_area / aspect)))
@@ -127,15 +135,19 @@ def erase_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, 
   return None
 
 
-def _erase_into(image: np.ndarray, prob: float, rng: np.random.Generator) -> None:
+def _erase_into(image: np.ndarray, prob: float, rng: np.random.Generator, max_area: float = ERASE_AREA[1],
+                fill: str = 'noise') -> None:
   """`random_erase` in place."""
   if prob <= 0 or rng.random() >= prob:
     return
   h, w, c = image.shape
-  box = erase_box(h, w, rng)
+  box = erase_box(h, w, rng, max_area)
   if box is None:
     return
   top, left, bh, bw = box
+  if fill == 'clip_mean':
+    image[top:top + bh, left:left + bw] = CLIP_MEAN_PIXEL[:c]
+    return
   noise = rng.standard_normal((bh, bw, c), dtype=np.float32)
   noise = np.rint(noise * 127.5 + 127.5, out=noise)
   image[top:top + bh, left:left + bw] = np.clip(noise, 0, 255, out=noise)
@@ -158,7 +170,8 @@ def random_erase(image: np.ndarray, prob: float, rng: np.random.Generator) -> np
 
 def train_view(resized: np.ndarray, rng: np.random.Generator, *, pad: int, flip_prob: float,
                erase_prob: float, flipped: np.ndarray | None = None,
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, erase_max_area: float = ERASE_AREA[1],
+               erase_fill: str = 'noise') -> np.ndarray:
   """One augmented view of a resized uint8 (H, W, 3) image: pad-crop, flip, erase.
 
   The same draws and result as `random_erase(random_hflip(pad_crop(x)))`, in one copy: the
@@ -189,21 +202,23 @@ def train_view(resized: np.ndarray, rng: np.random.Generator, *, pad: int, flip_
   out[ys:ye, :xs] = 0
   out[ys:ye, xe:] = 0
   out[ys:ye, xs:xe] = src[ys + dy:ye + dy, xs + dx:xe + dx]
-  _erase_into(out, erase_prob, rng)
+  _erase_into(out, erase_prob, rng, erase_max_area, erase_fill)
   return out
 
 
 def train_views(data, size: Sequence[int], rng: np.random.Generator, *, num_views: int = 3,
                 pad: int = 10, flip_prob: float = 0.5, erase_prob: float = 0.5,
-                name: str = '') -> np.ndarray:
+                name: str = '', erase_max_area: float = ERASE_AREA[1], erase_fill: str = 'noise') -> np.ndarray:
   """Encoded image -> uint8 (num_views, H, W, 3), independently augmented views of one resize."""
   return views_of(decode_image(data, name=name), size, rng, num_views=num_views, pad=pad,
-                  flip_prob=flip_prob, erase_prob=erase_prob)
+                  flip_prob=flip_prob, erase_prob=erase_prob, erase_max_area=erase_max_area,
+                  erase_fill=erase_fill)
 
 
 def views_of(image: PIL.Image.Image, size: Sequence[int], rng: np.random.Generator, *,
              num_views: int = 3, pad: int = 10, flip_prob: float = 0.5,
-             erase_prob: float = 0.5) -> np.ndarray:
+             erase_prob: float = 0.5, erase_max_area: float = ERASE_AREA[1],
+             erase_fill: str = 'noise') -> np.ndarray:
   """Decoded RGB image -> uint8 (num_views, H, W, 3): one bicubic resize, then `train_view`s."""
   image = resize_image(image, size, TRAIN_RESAMPLE)
   resized = _to_array(image, size)
@@ -213,7 +228,7 @@ def views_of(image: PIL.Image.Image, size: Sequence[int], rng: np.random.Generat
   out = np.empty((num_views,) + resized.shape, np.uint8)
   for v in range(num_views):
     train_view(resized, rng, pad=pad, flip_prob=flip_prob, erase_prob=erase_prob,
-               flipped=flipped, out=out[v])
+               flipped=flipped, out=out[v], erase_max_area=erase_max_area, erase_fill=erase_fill)
   return out
 
 

@@ -112,6 +112,8 @@ class _Settings:
   max_attrs: int
   bmm_pattern: str = 'sample'
   levels: tuple[str, ...] = examples.LEVELS
+  erase_max_area: float = augment.ERASE_AREA[1]
+  erase_fill: str = 'noise'
 
   @classmethod
   def from_config(cls, config) -> '_Settings':
@@ -130,10 +132,17 @@ class _Settings:
       raise ValueError(f'data.augment.pad must be >= 0, got {d.augment.pad}')
     if d.bmm_pattern not in BMM_PATTERNS:
       raise ValueError(f'data.bmm_pattern must be one of {BMM_PATTERNS}, got {d.bmm_pattern!r}')
+    max_area = float(d.augment.get('erase_max_area', augment.ERASE_AREA[1]))
+    if not augment.ERASE_AREA[0] < max_area < 1.0:
+      raise ValueError(f'data.augment.erase_max_area must be in ({augment.ERASE_AREA[0]}, 1), got {max_area}')
+    fill = d.augment.get('erase_fill', 'noise')
+    if fill not in augment.ERASE_FILLS:
+      raise ValueError(f'data.augment.erase_fill must be one of {augment.ERASE_FILLS}, got {fill!r}')
     return cls(size, int(d.text_length), level_text_lengths(config),
                num_image_tokens(size, int(m.patch_size), int(m.stride)),
                int(d.augment.pad), float(d.augment.flip_prob), float(d.augment.erase_prob),
-               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), shapes.mla_levels(config))
+               float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), shapes.mla_levels(config),
+               max_area, fill)
 
 
 class _TrainSample(grain.transforms.RandomMap):
@@ -155,7 +164,8 @@ class _TrainSample(grain.transforms.RandomMap):
     n_levels = len(s.levels)
     images = augment.train_views(examples.record_field(record, 'image', index), s.image_size, rng,
                                  num_views=n_levels, pad=s.pad, flip_prob=s.flip_prob,
-                                 erase_prob=s.erase_prob, name=name)
+                                 erase_prob=s.erase_prob, name=name, erase_max_area=s.erase_max_area,
+                                 erase_fill=s.erase_fill)
     texts = level_texts(captions[cap], examples.record_json_list(record, 'phrases', cap, index),
                       examples.record_json_list(record, 'attributes', cap, index), rng, s.max_attrs)
     texts = [t for level, t in zip(examples.LEVELS, texts) if level in s.levels]

@@ -147,6 +147,31 @@ def test_random_erase_box_follows_timm_ranges():
   np.testing.assert_array_equal(augment.random_erase(img, 0.0, np.random.default_rng(0)), img)
 
 
+def test_irra_erasing_fills_clip_mean_up_to_40_percent():
+  """data.augment.erase_fill='clip_mean', erase_max_area=0.4 (IRRA's RandomErasing(scale=(0.02, 0.4),
+  value=mean) after CLIP's normalization): the box holds the pixel of CLIP's mean in CLIP-normalized units."""
+  assert augment.CLIP_MEAN_PIXEL == (156, 147, 133)  # round(255 (m s + m)) per channel
+  img = np.full((96, 32, 3), 7, np.uint8)
+  areas = []
+  for seed in range(300):
+    out = img.copy()
+    augment._erase_into(out, 1.0, np.random.default_rng(seed), 0.4, 'clip_mean')  # pylint: disable=protected-access
+    changed = np.any(out != img, axis=-1)
+    if changed.any():
+      assert (out[changed] == augment.CLIP_MEAN_PIXEL).all()
+      ys, xs = np.nonzero(changed)
+      areas.append((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) / (96 * 32))
+  assert max(areas) > 1 / 3 + 0.01 and max(areas) <= 0.4 + 0.03
+  c = base.get_config()
+  c.data.augment.erase_fill = 'grey'
+  with pytest.raises(ValueError, match='data.augment.erase_fill must be one of'):
+    pipeline._Settings.from_config(c)  # pylint: disable=protected-access
+  c = base.get_config()
+  c.data.augment.erase_max_area = 1.5
+  with pytest.raises(ValueError, match='data.augment.erase_max_area must be in'):
+    pipeline._Settings.from_config(c)  # pylint: disable=protected-access
+
+
 def test_fused_train_view_equals_the_composed_transforms():
   img = np.random.default_rng(1).integers(0, 256, (40, 16, 3), dtype=np.uint8)
   for seed in range(60):
