@@ -187,3 +187,22 @@ def test_clip_head_on_8_devices_matches_one_device(tmp_path):
         flat[k] = np.concatenate([v[:n], v[2 * n:]])
     return flat
   _assert_trees(without_key_bias(p1), without_key_bias(p8), atol=5e-5)  # Adam near 0: see test_train.py
+
+
+@pytest.mark.parametrize('name', ['cuhk_clip', 'icfg_clip', 'rstp_clip'])
+def test_recipe_configs_build_vit_b16(name):
+  """IRRA's recipe on each dataset: CLIP ViT-B/16 + its text transformer (149,620,737 parameters without
+  logit_scale, which the recipe fixes), the ID classifier on top; Adam with the classifier at 5x lr."""
+  import importlib
+  from ivt_jax import optim
+  c = importlib.import_module(f'configs.{name}').get_config()
+  c.model.vocab_size = 49408
+  c.model.clip.num_classes = 11003
+  assert (c.model.head, c.data.tokenizer, c.data.text_length, tuple(c.data.image_size)) == (
+      'clip', 'clip', 77, (384, 128))
+  n = clip_model.param_count(c)
+  classifier = 512 * 11003 + 11003
+  # OpenAI's ViT-B/16 at 224 has 197 image positions; at 384 x 128 there are 1 + 24 x 8 = 193.
+  assert n - classifier == 149_620_737 - 1 - (197 - 193) * 768
+  tx, schedule = optim.make_optimizer(c, 100)
+  assert float(schedule(0)) == pytest.approx(1e-6) and float(schedule(500)) == pytest.approx(1e-5)
