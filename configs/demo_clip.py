@@ -24,4 +24,5 @@ def get_config():
   c.model.clip.sdm_weight = 1.0
   c.model.clip.id_weight = 1.0
   c.model.clip.temperature = 0.02
+  c.optim.weight_decay = 0.05         # as the comparison in docs/clip.md and the IVT ablation (docs/fidelity.md)
   return c
