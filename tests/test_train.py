@@ -30,6 +30,9 @@ def tiny_demo(data_root):
   # about one Adam step (1e-4) apart between 1 and 8 devices: gradients near 0, where Adam's normalization
   # magnifies the rounding of a different reduction order. The comparisons below test the sharded arithmetic.
   c.model.init_std = 0.02
+  # The demo's weight decay before 2026-12-01 (0.5 now): the sharded-against-one-device tolerances below and in
+  # test_multiprocess.py were measured with it (one kernel element moved 2.1e-5 with 0.5, over the 2e-5 there).
+  c.optim.weight_decay = 0.05
   c.num_epochs = 2
   c.eval_every_epochs = 1000
   c.log_every_steps = 2
@@ -45,7 +48,7 @@ def _flags(c):
            'data.text_length': d.text_length, 'data.sentencepiece_vocab_size': d.sentencepiece_vocab_size,
            'data.synthetic.num_ids': 24, 'data.synthetic.images_per_id': 2,
            'data.synthetic.image_size': '(48,24)', 'data.synthetic.val_ids': 4, 'data.synthetic.test_ids': 6,
-           'eval_batch_size': c.eval_batch_size}
+           'eval_batch_size': c.eval_batch_size, 'optim.weight_decay': c.optim.weight_decay}
   pairs.update({f'model.{k}': c.model[k] for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size',
                                                     'stride')})
   return [f'--config.{k}={v}' for k, v in pairs.items()]
