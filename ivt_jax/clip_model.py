@@ -219,15 +219,7 @@ class ClipModel(nn.Module):
       self.classifier = nn.Dense(c.num_classes, kernel_init=nn.initializers.normal(0.001), name='classifier')
 
   def _keep(self, keep, batch, length, train):
-    if not train:
-      return jnp.ones((batch, length), bool)
-    if keep is None:
-      if self.cfg.bmm_ratio == 0.0:
-        return jnp.ones((batch, length), bool)
-      keep = model_lib.draw_keep_mask(self.make_rng('bmm'), batch, length, self.cfg.bmm_ratio)
-    if keep.shape != (batch, length):
-      raise ValueError(f'keep mask has shape {keep.shape}, expected {(batch, length)}')
-    return jnp.asarray(keep, bool).at[:, 0].set(True)
+    return model_lib.keep_mask(self, keep, batch, length, train, self.cfg.bmm_ratio)
 
   def embed_images(self, images, keep=None, train: bool = False):
     """(B, H, W, 3) normalized to [-1, 1] -> (B, embed_dim) float32 (not L2-normalized)."""

@@ -148,6 +148,20 @@ def draw_keep_mask(rng: jax.Array, batch: int, length: int, ratio: float) -> jax
   return jnp.concatenate([jnp.ones((batch, 1), bool), keep_rest], axis=1)
 
 
+def keep_mask(module: nn.Module, keep, batch: int, length: int, train: bool, ratio: float) -> jax.Array:
+  """The BMM keep mask a model applies: the given one at training time (position 0 always kept), one drawn from
+  `module`'s 'bmm' rng if none, all-ones at eval or with ratio 0. -> (batch, length) bool."""
+  if not train:
+    return jnp.ones((batch, length), bool)
+  if keep is None:
+    if ratio == 0.0:
+      return jnp.ones((batch, length), bool)
+    keep = draw_keep_mask(module.make_rng('bmm'), batch, length, ratio)
+  if keep.shape != (batch, length):
+    raise ValueError(f'keep mask has shape {keep.shape}, expected {(batch, length)}')
+  return jnp.asarray(keep, bool).at[:, 0].set(True)
+
+
 class Mlp(nn.Module):
   """fc1 -> exact GELU -> fc2; kernels truncated-normal(init_std)."""
   hidden: int
@@ -356,16 +370,7 @@ class Encoder(nn.Module):
     self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=dtype)
 
   def _keep(self, keep, batch, length, train):
-    """The BMM keep mask to apply: the given one at training time, a drawn one if none, all-ones at eval."""
-    if not train:
-      return jnp.ones((batch, length), bool)
-    if keep is None:
-      if self.cfg.bmm_ratio == 0.0:
-        return jnp.ones((batch, length), bool)
-      keep = draw_keep_mask(self.make_rng('bmm'), batch, length, self.cfg.bmm_ratio)
-    if keep.shape != (batch, length):
-      raise ValueError(f'keep mask has shape {keep.shape}, expected {(batch, length)}')
-    return keep.astype(bool).at[:, 0].set(True)
+    return keep_mask(self, keep, batch, length, train, self.cfg.bmm_ratio)
 
   def _transformer(self, x, valid, modality, train, cls_only: bool = False):
     """x: (B, N, D) embedded tokens; valid: (B, N) bool keys -> (B, N, D) after the final LayerNorm.

@@ -81,10 +81,7 @@ class WorkdirLock:
     except BlockingIOError:
       owner = _read_owner(fd)
       os.close(fd)
-      raise RunLockedError(
-          f'{os.path.dirname(self.path)} is in use by another run: process {owner.get("pid", "?")} on host '
-          f'{owner.get("host", "?")}, started {owner.get("started", "?")} ({self.path}). One workdir holds one '
-          'run: wait for it to end, stop it, or choose another --workdir.') from None
+      raise _refusal(os.path.dirname(self.path), owner, self.path) from None
     except OSError as e:  # no locking on this file system
       logging.warning('cannot lock %s (%s): running without the one-run-per-workdir check', self.path, e)
       os.close(fd)

@@ -102,9 +102,9 @@ def read_checkpoint_meta(checkpoint: str) -> dict:
 
 
 def _workdir_candidates(checkpoint: str) -> list[str]:
-  path = paths.resolve(checkpoint, 'checkpoint').rstrip(os.sep)
+  path = paths.resolve(checkpoint, 'checkpoint')  # absolute, or a URL: no trailing separator either way
   out = [path]
-  if path.rsplit('/', 1)[-1].rsplit(os.sep, 1)[-1] in ('best', 'checkpoints'):
+  if os.path.basename(path) in ('best', 'checkpoints'):
     out.append(paths.dirname(path))
   return out
 

@@ -63,15 +63,22 @@ def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:]), *outs)
 
 
-def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder,
-            text_lengths: Optional[Sequence[int]] = None):
-  """CMPM over the V B (image view, text) pairs of the MLA batch, with the batch's BMM keep masks."""
+def pair_embeddings(params, batch: dict, rng: jax.Array, encoder, text_lengths: Optional[Sequence[int]] = None):
+  """-> (image embeddings (V B, D), text embeddings (V B, D), the flattened pairs) of the MLA batch at training
+  time, with its BMM keep masks."""
   pairs = flatten_levels(batch)
   rng_img, rng_txt = jax.random.split(rng)
   images = model_lib.normalize_images(pairs['images'])
   x = encoder.apply({'params': params}, images, pairs['image_keep'], True, method='embed_images',
                     rngs={'dropout': rng_img})
   z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths)
+  return x, z, pairs
+
+
+def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder,
+            text_lengths: Optional[Sequence[int]] = None):
+  """CMPM over the V B (image view, text) pairs of the MLA batch, with the batch's BMM keep masks."""
+  x, z, pairs = pair_embeddings(params, batch, rng, encoder, text_lengths)
   return losses.cmpm_loss(x, z, pairs['person_id'])
 
 
@@ -121,12 +128,7 @@ def clip_loss_fn(params, batch: dict, rng: jax.Array, encoder: clip_model.ClipMo
   (model.clip.*_weight; a zero weight skips its term). class_table: (C,) the sorted training person ids; the ID
   classifier's class of a person is its rank there."""
   c = encoder.cfg
-  pairs = flatten_levels(batch)
-  rng_img, rng_txt = jax.random.split(rng)
-  images = model_lib.normalize_images(pairs['images'])
-  x = encoder.apply({'params': params}, images, pairs['image_keep'], True, method='embed_images',
-                    rngs={'dropout': rng_img})
-  z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths)
+  x, z, pairs = pair_embeddings(params, batch, rng, encoder, text_lengths)
   pid = pairs['person_id']
   scale = 1.0 / c.temperature
   terms = {}

@@ -101,9 +101,7 @@ def main(argv=None) -> int:
   p.add_argument('--atol', type=float, default=1e-4)
   p.add_argument('--json', default='', help='also write the figures here')
   args = p.parse_args(argv)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('torch') is None:
     print('error: the reference model needs torch (pip install torch; the CPU build is enough)', file=sys.stderr)
     return 2
   with tempfile.TemporaryDirectory() as tmp:
