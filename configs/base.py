@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)
   c.model.patch_embed = 'auto'        # auto | conv | matmul: the patch convolution's op (auto: matmul on CPU)
   c.model.remat = False
-  # CLIP's two towers (model.head = 'clip'; ivt_jax/clip_model.py): ViT-B/16 and the 12-layer text transformer.
+  # CLIP's two towers (model.head = 'clip'; ivt_jax/models/clip.py): ViT-B/16 and the 12-layer text transformer.
   # model.patch_size / model.stride give the image tower's patches (CLIP: 16 / 16); dtype, attention, remat apply.
   c.model.clip = ml_collections.ConfigDict()
   c.model.clip.vision_width = 768
@@ -95,13 +95,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.clip.text_layers = 12
   c.model.clip.text_heads = 8
   c.model.clip.num_classes = 0        # ID classifier rows: set from the training identities when a run starts
-  c.model.clip.sdm_weight = 1.0       # the objective: weights of SDM, ID, ITC, CMPM (ivt_jax/clip_losses.py)
+  c.model.clip.sdm_weight = 1.0       # the objective: weights of SDM, ID, ITC, CMPM (ivt_jax/objectives/clip.py)
   c.model.clip.id_weight = 1.0
   c.model.clip.itc_weight = 0.0
   c.model.clip.cmpm_weight = 0.0
   c.model.clip.temperature = 0.02     # SDM / ITC logits = cosine / temperature (IRRA: fixed, 0.02)
 
-  # ---- part head (model.head = 'part'; see ivt_jax/part_model.py and ivt_jax/part_losses.py) -----
+  # ---- part head (model.head = 'part'; see ivt_jax/models/part.py and ivt_jax/objectives/part.py) -----
   c.part = ml_collections.ConfigDict()
   c.part.num_parts = 8                # K learnable part queries, shared by images and texts
   c.part.depth = 1                    # decoder layers (cross-attention [+ self-attention] + MLP)
@@ -141,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.warmup_init_lr = 5e-5
   c.optim.min_lr = 1e-5
   c.optim.schedule_unit = 'step'      # step: lr at every step on the fractional epoch | epoch: the reference's
-                                      # (constant within an epoch, t = 1-based epoch; see ivt_jax/optim.py)
+                                      # (constant within an epoch, t = 1-based epoch; see ivt_jax/training/optim.py)
   c.optim.grad_clip_norm = 0.0        # 0 = off
   c.num_epochs = 120.0
   c.total_steps = 0                   # 0 = num_epochs x steps per epoch; > 0 stops there (the schedule

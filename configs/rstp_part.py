@@ -1,4 +1,4 @@
-"""The part head (ivt_jax/part_model.py) on RSTPReid: the rstp.py recipe with model.head='part'.
+"""The part head (ivt_jax/models/part.py) on RSTPReid: the rstp.py recipe with model.head='part'.
 
 The encoder's parameters keep the IVT names, so config.init.{vit_npz,bert,ivt} load as for the IVT head; the
 part decoder's parameters (paths starting with 'part_') are allowed to stay randomly initialized.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from multiprocessing import shared_memory
 import os
+import sys
 import tempfile
 import time
 
@@ -184,4 +185,9 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  try:
+    app.run(main)
+  except SystemExit as e:  # absl exits 1 after printing help; help is not a failure
+    if e.code == 1 and any(a.split('=')[0] in ('--help', '-?', '--helpshort', '--helpfull') for a in sys.argv[1:]):
+      sys.exit(0)
+    raise

@@ -18,17 +18,21 @@ so the data are prepared in a local cache (config.data.local_cache_dir, else $IV
 (process 0 after a restart, the others always) downloads what its cache lacks before opening it. manual_dir
 (the raw dataset) is read from a local disk.
 """
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
 import tensorflow_datasets as tfds
 
 from input_pipeline import paths
+from input_pipeline import source as source_lib
 from input_pipeline.datasets import BAD_RECORDS_FILE
 from input_pipeline.datasets import cuhk_pedes  # pylint: disable=unused-import (registers the builder)
 from input_pipeline.datasets import decode_json_list
@@ -119,7 +123,7 @@ def _maybe_generate_synthetic(config, manual_dir: str, workers: int) -> None:
     raise ValueError(f'config.data.synthetic.image_size must be (H, W) > 0, got {tuple(syn.image_size)}.')
   from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
   eval_images = int(syn.eval_images_per_id) or int(syn.images_per_id)
-  logging.info('SynthPEDES in %s (%d ids; %d images per training id, %d per val/test id; generated unless '
+  logging.debug('SynthPEDES in %s (%d ids; %d images per training id, %d per val/test id; generated unless '
                'already there with these parameters).', manual_dir, syn.num_ids, syn.images_per_id, eval_images)
   synthetic.generate(manual_dir, int(syn.num_ids), int(syn.images_per_id), seed=int(config.seed),
                      image_size=tuple(int(s) for s in syn.image_size), val_ids=int(syn.val_ids) or None,
@@ -128,6 +132,29 @@ def _maybe_generate_synthetic(config, manual_dir: str, workers: int) -> None:
                      train_hard_negative_fraction=(None if float(syn.get('train_hard_negative_fraction', -1.0)) < 0
                                                    else float(syn.train_hard_negative_fraction)),
                      eval_images_per_id=eval_images)
+
+
+def _forget_if_stale(config, dataset_dir: str, data_dir: str, manual_dir: str) -> None:
+  """Prepared data whose source folder changed since (or another folder now): removed, with the tokenizer
+  trained on its captions, saying why, so that it is prepared again. A source that is not there (prepared data
+  copied without it) or that was not fingerprinted is trusted."""
+  try:
+    now = source_lib.fingerprint(config.data.name, manual_dir)
+  except records.ManualDirError:
+    return
+  before = source_lib.read(dataset_dir)
+  if before is None:
+    source_lib.write(dataset_dir, now)
+    return
+  changed = source_lib.differences(before, now)
+  if not changed:
+    return
+  logging.warning('%s was prepared from another source (%s): preparing it again.', dataset_dir, '; '.join(changed))
+  shutil.rmtree(dataset_dir)
+  name_dir = os.path.join(data_dir, config.data.name)
+  for fn in os.listdir(name_dir):
+    if fn.startswith('spm_') or fn == MARKER_FILE:
+      os.remove(os.path.join(name_dir, fn))
 
 
 def _check_manual_dir(config, manual_dir: str) -> None:
@@ -155,6 +182,13 @@ def _check_options(config, builder) -> None:
 
 def _tokenizer(config, builder, data_dir: str, train: bool) -> str:
   """Path of the tokenizer file; trains SentencePiece on the train captions when `train` and absent."""
+  path = _tokenizer_file(config)
+  return path if path is not None else _sentencepiece(config, builder, data_dir, train)
+
+
+def _tokenizer_file(config) -> str | None:
+  """The vocabulary file of a file-based tokenizer (FileNotFoundError naming the config key when it is not
+  there); None for SentencePiece, which is trained on the prepared captions."""
   kind = config.data.tokenizer
   if kind == 'wordpiece':
     path = _expand(config.data.vocab_file) if config.data.vocab_file else ''
@@ -173,6 +207,10 @@ def _tokenizer(config, builder, data_dir: str, train: bool) -> str:
     return path
   if kind != 'sentencepiece':
     raise ValueError(f"config.data.tokenizer must be 'wordpiece', 'sentencepiece' or 'clip', got {kind!r}.")
+  return None
+
+
+def _sentencepiece(config, builder, data_dir: str, train: bool) -> str:
   size = int(config.data.sentencepiece_vocab_size)
   model_type = config.data.sentencepiece_model_type
   prefix = os.path.join(data_dir, config.data.name, f'spm_{model_type}_{size}')
@@ -188,16 +226,21 @@ def _tokenizer(config, builder, data_dir: str, train: bool) -> str:
     texts.extend(c.decode('utf-8') for c in source[i]['captions'])
   t0 = time.time()
   path = tokenizers.train_sentencepiece(texts, prefix, size, model_type)
-  logging.info('Trained SentencePiece %s (%d pieces asked) on %d captions in %.1fs: %s', model_type, size,
+  logging.debug('Trained SentencePiece %s (%d pieces asked) on %d captions in %.1fs: %s', model_type, size,
                len(texts), time.time() - t0, path)
   return path
 
 
-def _prepared(config, builder, data_dir: str, tokenizer_path: str) -> PreparedData:
-  meta = builder.info.metadata or {}
+def _split_sizes(builder) -> dict[str, int]:
   sizes = {s: 0 for s in ('train', 'val', 'test')}
   for s, info in builder.info.splits.items():
     sizes[s] = int(info.num_examples)
+  return sizes
+
+
+def _prepared(config, builder, data_dir: str, tokenizer_path: str) -> PreparedData:
+  meta = builder.info.metadata or {}
+  sizes = _split_sizes(builder)
   bad_file = os.path.join(os.fspath(builder.data_dir), BAD_RECORDS_FILE)
   return PreparedData(name=config.data.name, data_dir=data_dir, dataset_dir=os.fspath(builder.data_dir),
                       tokenizer=config.data.tokenizer, tokenizer_path=tokenizer_path, split_sizes=sizes,
@@ -211,15 +254,28 @@ def prepare_here(config, workdir: str, workers: int | None = None, data_dir: str
   data_dir = data_dir or paths.local(data_dir_of(config, workdir), 'config.data.data_dir')
   workers = workers or max(1, min(8, os.cpu_count() or 1))
   builder = _builder(config, data_dir, workers)
-  if not builder.is_prepared():
-    manual_dir = _expand(config.data.manual_dir)
+  dataset_dir = os.fspath(builder.data_dir)
+  manual_dir = _expand(config.data.manual_dir)
+  # Not builder.is_prepared(): it warns "Variant folder ... has no dataset_info.json" when there is no data yet.
+  if os.path.isfile(os.path.join(dataset_dir, 'dataset_info.json')):
+    _forget_if_stale(config, dataset_dir, data_dir, manual_dir)
+  if not os.path.isfile(os.path.join(dataset_dir, 'dataset_info.json')):
+    _tokenizer_file(config)  # a missing vocabulary is said now, not after the build
     _maybe_generate_synthetic(config, manual_dir, workers)
     _check_manual_dir(config, manual_dir)
+    fp = source_lib.fingerprint(config.data.name, manual_dir)
+    source_lib.check_room(data_dir, fp)
     t0 = time.time()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False))
-    logging.info('Prepared %s in %.1fs: %s', config.data.name, time.time() - t0, builder.data_dir)
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout; the line below says it all.
+    verbose = os.environ.get('IVT_VERBOSE', '') not in ('', '0')
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir, try_download_gcs=False))
     builder = _builder(config, data_dir, workers)  # re-open: the info now holds the splits
+    source_lib.write(dataset_dir, fp)
+    sizes = ', '.join(f'{n} {s}' for s, n in _split_sizes(builder).items())
+    logging.info('Prepared %s (%s records) in %.1fs: %s', config.data.name, sizes, time.time() - t0,
+                 builder.data_dir)
   _check_options(config, builder)
   tok = _tokenizer(config, builder, data_dir, train=True)
   return _prepared(config, builder, data_dir, tok)

@@ -5,7 +5,7 @@
 Several processes (GPU nodes): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 (--local_device_ids=0,1,... or 'all' to choose this process's GPUs). On Cloud TPU VMs, --distributed alone (the
 runtime supplies the rest). Several CPU processes on one machine (a test setting): --cpu_collectives=gloo.
-Libraries' INFO lines are hidden: --verbosity=1 (or IVT_VERBOSE=1) shows them (ivt_jax.console).
+Libraries' INFO lines are hidden: --verbosity=1 (or IVT_VERBOSE=1) shows them (ivt_jax.runtime.console).
 """
 import os
 import sys
@@ -44,7 +44,7 @@ def parse_local_device_ids(value: str) -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from ivt_jax import console
+  from ivt_jax.runtime import console
   console.quiet_libraries(FLAGS.verbosity)
   import jax
   if FLAGS.cpu_collectives:
@@ -57,14 +57,15 @@ def main(argv):
     if FLAGS.local_device_ids:
       kwargs['local_device_ids'] = parse_local_device_ids(FLAGS.local_device_ids)
     jax.distributed.initialize(**kwargs)
-  logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
+  log = logging.info if jax.process_count() > 1 else logging.debug
+  log('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   from input_pipeline import paths
   from input_pipeline import pipeline
-  from ivt_jax import checkpoints
-  from ivt_jax import run_guard
-  from ivt_jax import train
+  from ivt_jax.training import checkpoints
+  from ivt_jax.training import run_guard
+  from ivt_jax.training import loop as train
   try:
     train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
   except (run_guard.RunLockedError, run_guard.ConfigChangedError, checkpoints.CheckpointError,
@@ -74,4 +75,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from ivt_jax.runtime import cli
+  cli.run_absl(main)

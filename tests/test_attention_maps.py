@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from input_pipeline import shapes
-from ivt_jax import attention_maps
+from ivt_jax.search import attention_maps
 from ivt_jax import search
 from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
 
@@ -40,7 +40,7 @@ def test_maps_shapes_and_sums(tiny_run, tiny_model):  # noqa: F811
 
 
 def test_sown_path_equals_plain_model_and_match_is_cosine(tiny_run, tiny_model):  # noqa: F811
-  from ivt_jax import model as model_lib
+  from ivt_jax.models import encoder as model_lib
   m = tiny_model
   image = search.load_image(_image(tiny_run), m.image_size)[None]
   tokens, attention = attention_maps.image_tokens_and_attention(m.encoder, m.params, image)
@@ -119,7 +119,7 @@ def test_command_writes_png(tiny_run, tiny_model, tmp_path, capsys):  # noqa: F8
 
 
 def test_overlay_and_figure_layout():
-  from ivt_jax import visualize
+  from ivt_jax.search import pictures as visualize
   image = np.full((6, 4, 3), 100, np.uint8)
   heat = np.zeros((6, 4))
   heat[0, 0] = 1.0

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from ivt_jax import benchmark
-from ivt_jax import step_setup
+from ivt_jax.bench import step as benchmark
+from ivt_jax.training import setup as step_setup
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def test_cli_prints_positive_figures(tmp_path):
 def test_sentence_level_alone_trains_on_one_pair_per_sample():
   """data.mla_levels=('sentence',) (no MLA): batches of one level, a step that runs on them, a third of the work."""
   import jax
-  from ivt_jax import sharding as sharding_lib
+  from ivt_jax.runtime import sharding as sharding_lib
   c = tiny_config()
   n = jax.device_count()  # the batch splits over the devices
   full_flops = benchmark.analytic_train_flops(c, n)

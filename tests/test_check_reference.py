@@ -29,7 +29,7 @@ def test_our_side_switches_off_what_is_random_and_uses_the_reference_recipe():
   assert c.model.drop_path == 0 and c.model.text_embed_dropout == 0 and c.data.bmm_ratio == 0
   assert (c.optim.name, c.optim.lr, c.optim.bias_lr_factor, c.optim.momentum, c.optim.weight_decay) == \
       ('sgd', 0.005, 2.0, 0.9, 1e-4)
-  from ivt_jax import optim
+  from ivt_jax.training import optim
   schedule = optim.learning_rate_schedule(c, 1000)
   assert float(schedule(0)) == pytest.approx(0.005) and float(schedule(1)) == pytest.approx(0.005)
 

@@ -12,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ivt_jax import checkpoints
-from ivt_jax import integrity
+from ivt_jax.training import checkpoints
+from ivt_jax.training import integrity
 
 
 def _state(seed):

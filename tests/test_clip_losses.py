@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ivt_jax import clip_losses
+from ivt_jax.objectives import clip as clip_losses
 
 
 def _norm_rows(x):

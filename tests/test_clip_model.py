@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from configs import base
-from ivt_jax import clip_losses
-from ivt_jax import clip_model
-from ivt_jax import model as model_lib
-from ivt_jax import step as step_lib
+from ivt_jax.objectives import clip as clip_losses
+from ivt_jax.models import clip as clip_model
+from ivt_jax.models import encoder as model_lib
+from ivt_jax.training import step as step_lib
 
 
 def tiny_clip_config(**clip):
@@ -137,7 +137,7 @@ def test_clip_head_trains_evaluates_and_serves_search(tmp_path):
   """The program with model.head='clip' on the tiny demo: ID classes from the training identities, the loss
   terms logged, best parameters restored for test, and the search model loaded from the workdir."""
   from ivt_jax import search
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   from tests.test_train import tiny_demo
   c = tiny_demo(str(tmp_path / 'data'))
   c.model.head = 'clip'
@@ -161,7 +161,7 @@ def test_clip_head_trains_evaluates_and_serves_search(tmp_path):
 @pytest.mark.slow
 def test_clip_head_on_8_devices_matches_one_device(tmp_path):
   """Data and FSDP sharding (2 x 4) train the two towers and the ID classifier as one device does."""
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   from tests.test_train import _assert_trees, _final_params, tiny_demo
   assert jax.device_count() == 8
   c = tiny_demo(str(tmp_path / 'data'))
@@ -194,7 +194,7 @@ def test_recipe_configs_build_vit_b16(name):
   """IRRA's recipe on each dataset: CLIP ViT-B/16 + its text transformer (149,620,737 parameters without
   logit_scale, which the recipe fixes), the ID classifier on top; Adam with the classifier at 5x lr."""
   import importlib
-  from ivt_jax import optim
+  from ivt_jax.training import optim
   c = importlib.import_module(f'configs.{name}').get_config()
   c.model.vocab_size = 49408
   c.model.clip.num_classes = 11003

@@ -4,11 +4,11 @@ dict within 1e-4."""
 import numpy as np
 import pytest
 
-from ivt_jax import clip_model
-from ivt_jax import clip_weights
-from ivt_jax import model as model_lib
-from ivt_jax import weight_mapping
-from ivt_jax import weight_report
+from ivt_jax.models import clip as clip_model
+from ivt_jax.weights import clip as clip_weights
+from ivt_jax.models import encoder as model_lib
+from ivt_jax.weights import mapping as weight_mapping
+from ivt_jax.weights import report as weight_report
 from tests.test_clip_model import tiny_clip_config
 
 W, LAYERS, HEADS, EMBED, PATCH, CONTEXT, VOCAB = 32, 2, 2, 16, 8, 16, 60
@@ -127,7 +127,7 @@ def _ours(image_size=(32, 32)):
 
 def _apply(cfg, s):
   import jax
-  from ivt_jax import pretrained
+  from ivt_jax.weights import pretrained
   module = clip_model.ClipModel(cfg)
   params = jax.device_get(model_lib.init_module_params(module, jax.random.key(0)))
   converted = clip_weights.convert_clip(s, cfg, file='test')
@@ -194,7 +194,7 @@ def test_strict_errors_name_every_problem():
 def test_loaded_from_a_file_with_the_report(tmp_path):
   from safetensors.numpy import save_file
   import jax
-  from ivt_jax import pretrained
+  from ivt_jax.weights import pretrained
   s = random_openai_state(np.random.default_rng(3))
   path = tmp_path / 'open_clip_vit.safetensors'
   save_file(s, str(path))

@@ -401,3 +401,54 @@ def test_process_pool_matches_in_process(tmp_path, monkeypatch):
     two = records.parse_records('cuhk_pedes', root, skip_bad_records=True, workers=pool)
     assert two.records == one.records and two.bad == one.bad and [b.index for b in two.bad] == [131]
     assert records.mla_json_for(two.records, pool) == records.mla_json_for(one.records, 1)
+
+
+# ---- prepared data follows its source ---------------------------------------------------------------------
+
+
+def test_prepared_data_follows_its_source(tmp_path, caplog):
+  """A build that skipped a bad record, the record fixed, the same workdir again: prepared again with it, saying
+  why; the workdir pointed at another folder: prepared from that one. Unchanged: reused as it is."""
+  def blank(items):
+    items[3]['captions'] = ['  ']
+  root, _ = make_source(tmp_path / 'cuhk', edit=blank)
+  config = config_for(root, skip_bad_records=True)
+  work = str(tmp_path / 'work')
+  first = prepare_lib.prepare_here(config, work)
+  assert first.num_bad_records == 1 and sum(first.split_sizes.values()) == 11
+  assert os.path.isfile(os.path.join(first.dataset_dir, 'source.json'))
+  made = os.path.getmtime(os.path.join(first.dataset_dir, 'dataset_info.json'))
+  assert prepare_lib.prepare_here(config, work) == first  # the same source: reused
+  assert os.path.getmtime(os.path.join(first.dataset_dir, 'dataset_info.json')) == made
+  make_source(tmp_path / 'cuhk')  # the record fixed (every image rewritten the same)
+  caplog.set_level('WARNING')
+  fixed = prepare_lib.prepare_here(config, work)
+  assert fixed.num_bad_records == 0 and sum(fixed.split_sizes.values()) == 12
+  assert re.search(r'was prepared from another source \(reid_raw\.json changed \(\d+ -> \d+ bytes\).*\): '
+                   r'preparing it again', caplog.text), caplog.text
+  other, _ = make_source(tmp_path / 'other', n=8)
+  config.data.manual_dir = other
+  caplog.clear()
+  moved = prepare_lib.prepare_here(config, work)
+  assert sum(moved.split_sizes.values()) == 8
+  assert f'the folder was {root}, now {other}' in caplog.text
+  assert os.path.isfile(moved.tokenizer_path)  # trained again on the new captions
+
+
+def test_what_can_be_checked_before_preparing_is(tmp_path, monkeypatch):
+  """A missing vocabulary file and a disk too small are said before anything is built."""
+  root, _ = make_source(tmp_path / 'cuhk')
+  config = config_for(root, tokenizer='wordpiece', vocab_file=str(tmp_path / 'no_vocab.txt'))
+  work = str(tmp_path / 'work')
+  with pytest.raises(FileNotFoundError, match=r'config\.data\.vocab_file'):
+    prepare_lib.prepare_here(config, work)
+  assert not os.path.exists(os.path.join(work, 'tfds', 'cuhk_pedes', '1.0.0'))
+  config.data.tokenizer = 'sentencepiece'
+  import shutil
+  from collections import namedtuple
+  usage = namedtuple('usage', 'total used free')
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10 << 20, 9 << 20, 1 << 20))
+  with pytest.raises(OSError, match=r'config\.data\.data_dir: preparing .* needs about 0\.\d+ GiB in .*; its disk '
+                                    r'has 0\.00 GiB free'):
+    prepare_lib.prepare_here(config, work)
+  assert not os.path.exists(os.path.join(work, 'tfds', 'cuhk_pedes', '1.0.0'))

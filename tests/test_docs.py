@@ -58,8 +58,9 @@ def _module_source(module: str) -> str:
   # A package's __main__ or a thin CLI may take its flags from the module it runs.
   with open(path) as f:
     text = f.read()
-  for imported in re.findall(r'from ((?:ivt_jax|input_pipeline)[\w.]*) import main', text):
-    sources.append(importlib.util.find_spec(imported).origin)
+  for package, name in re.findall(r'from ((?:ivt_jax|input_pipeline)[\w.]*) import (\w+)', text):
+    spec = importlib.util.find_spec(f'{package}.{name}') if name != 'main' else None
+    sources.append((spec or importlib.util.find_spec(package)).origin)
   return '\n'.join(open(p).read() for p in sources)
 
 
@@ -136,3 +137,53 @@ def test_command_matches_the_code(doc, cmd):
     assert config_file, f'{doc}: {cmd!r} sets config keys without --config'
     missing = _config_keys(config_file, config_keys)
     assert not missing, f'{doc}: {cmd!r}: {config_file} has no key(s) {missing}'
+
+
+def _programs() -> list[tuple[str, ...]]:
+  """Every program the docs, the notebook and the launch scripts name, as argv after the interpreter: ('-m',
+  module[, subcommand]) for the project's modules, (script[, subcommand]) for `python launch/*.py`."""
+  paths = [os.path.join(ROOT, d) for d in DOCS] + glob.glob(os.path.join(ROOT, 'launch', '*.sh')) + glob.glob(
+      os.path.join(ROOT, 'launch', '*.ipynb'))
+  texts = [re.sub(r'\\\n\s*', ' ', open(p).read().replace('\\n', '\n')) for p in paths]
+  found = set()
+  for text in texts:
+    for module, sub in re.findall(r'python3? -m ((?:ivt_jax|input_pipeline)[\w.]*)(?: ([a-z][\w-]*))?', text):
+      if module.split('.')[-1].isupper():
+        continue  # a placeholder: ivt_jax.tools.NAME
+      found.add(('-m', module))
+      if module == 'ivt_jax.search' and sub:
+        found.add(('-m', module, sub))
+    for script, sub in re.findall(r'python3? (launch/\w+\.py)(?: ([a-z][\w-]*))?', text):
+      found.add((script,))
+      if sub:
+        found.add((script, sub))
+  return sorted(found)
+
+
+PROGRAMS = _programs()
+
+
+def test_the_programs_are_found():
+  modules = {p[1] for p in PROGRAMS if p[0] == '-m'}
+  assert {'ivt_jax.main', 'ivt_jax.search', 'ivt_jax.serve', 'ivt_jax.benchmark', 'ivt_jax.evaluate'} <= modules
+  assert any(m.startswith('ivt_jax.tools.') for m in modules)
+  assert ('-m', 'ivt_jax.search', 'index') in PROGRAMS and ('launch/gpu.py', 'run') in PROGRAMS
+
+
+def test_every_named_program_answers_help():
+  """`--help` of each: status 0, its flags listed on stdout, no traceback."""
+  import concurrent.futures
+  import subprocess
+  import sys
+
+  def run(argv):
+    p = subprocess.run([sys.executable, *argv, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return argv, p
+
+  failures = []
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    for argv, p in pool.map(run, PROGRAMS):
+      listed = re.search(r'^\s+--?\w', p.stdout, re.M)  # at least one flag listed (absl's or argparse's help)
+      if p.returncode != 0 or not listed or 'Traceback' in p.stderr:
+        failures.append(f'{" ".join(argv)} --help: status {p.returncode}\n{p.stdout[-500:]}\n{p.stderr[-1500:]}')
+  assert not failures, '\n\n'.join(failures)

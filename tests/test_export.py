@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ivt_jax import heads
-from ivt_jax import model as model_lib
-from ivt_jax import step as step_lib
-from ivt_jax import step_setup
+from ivt_jax.models import heads
+from ivt_jax.models import encoder as model_lib
+from ivt_jax.training import setup as step_setup
 from conftest import tiny_config
 
 PLATFORMS = ('cuda', 'tpu')
@@ -49,8 +48,8 @@ def test_embedders_export_for_gpu_and_tpu(dtype):
   h, w = c.data.image_size
   images = jax.ShapeDtypeStruct((4, h, w, 3), jnp.uint8)
   ids = jax.ShapeDtypeStruct((4, c.data.text_length), jnp.int32)
-  img = jax.jit(functools.partial(step_lib.embed_images, encoder=encoder))
-  txt = jax.jit(functools.partial(step_lib.embed_texts, encoder=encoder))
+  img = jax.jit(functools.partial(heads.embed_images, encoder=encoder))
+  txt = jax.jit(functools.partial(heads.embed_texts, encoder=encoder))
   e_img = jax.export.export(img, platforms=PLATFORMS)(params, images)
   e_txt = jax.export.export(txt, platforms=PLATFORMS)(params, ids, ids)
   for e in (e_img, e_txt):

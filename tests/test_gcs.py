@@ -65,7 +65,7 @@ def test_paths_on_gcs(gcs, tmp_path):
 
 
 def test_lease_one_run_per_gcs_workdir(gcs):
-  from ivt_jax import run_guard
+  from ivt_jax.training import run_guard
   workdir = f'gs://{BUCKET}/lease'
   first = run_guard.WorkdirLock(workdir, heartbeat_s=0.2, stale_s=3.0, settle_s=0.1).acquire()
   try:
@@ -104,7 +104,7 @@ def test_lease_one_run_per_gcs_workdir(gcs):
 def test_lease_race_has_one_winner(gcs, monkeypatch):
   """Two runs that both saw no lease: the one whose token is not read back is refused, naming the other."""
   from input_pipeline import paths
-  from ivt_jax import run_guard
+  from ivt_jax.training import run_guard
   workdir = f'gs://{BUCKET}/race'
   lock = run_guard.WorkdirLock(workdir, heartbeat_s=60, settle_s=0.1)
   real_sleep = time.sleep
@@ -125,8 +125,8 @@ def test_training_in_a_bucket(gcs, tmp_path, monkeypatch):
   from clu import metric_writers
   from input_pipeline import paths
   from input_pipeline import prepare as prepare_lib
-  from ivt_jax import checkpoints
-  from ivt_jax import train
+  from ivt_jax.training import checkpoints
+  from ivt_jax.training import loop as train
   from tests.test_train import tiny_demo
   real_writer = metric_writers.create_default_writer
   tb_dirs = []
@@ -169,7 +169,7 @@ def test_training_in_a_bucket(gcs, tmp_path, monkeypatch):
   assert prepared.split_sizes == prepare_lib.prepare_here(config('local'), str(tmp_path / 'local_run')).split_sizes
 
   # The best parameters read back from the bucket equal the local run's.
-  from ivt_jax import evaluate as evaluate_lib
+  from ivt_jax.evaluation import evaluate as evaluate_lib
   _, _, _, _, _, abstract, _ = evaluate_lib.build(config('local'), str(tmp_path / 'local_run'))
   p_remote, _ = checkpoints.restore_params(workdir, abstract)
   p_local, _ = checkpoints.restore_params(str(tmp_path / 'local_run'), abstract)
@@ -184,7 +184,7 @@ def test_training_in_a_bucket(gcs, tmp_path, monkeypatch):
   # index written to the bucket with the same vectors as one on a local disk, a contact sheet in the bucket, and
   # the search server's watcher seeing the index change.
   from ivt_jax import search
-  from ivt_jax import serve_state
+  from ivt_jax.search import state as serve_state
   folder = os.path.join(prepare_lib.local_cache_of(config('gcs'), workdir), 'synthpedes', 'imgs', 'test')
   index_dir, local_index = f'gs://{BUCKET}/index', str(tmp_path / 'index')
   assert search.main(['index', f'--checkpoint={workdir}', f'--images={folder}', f'--out={index_dir}',

@@ -16,7 +16,7 @@ from input_pipeline import augment
 from input_pipeline import images
 from input_pipeline import prepare as prepare_lib
 from input_pipeline.datasets import records
-from ivt_jax import weight_files
+from ivt_jax.weights import files as weight_files
 from tests.test_datasets import config_for, make_source
 from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
 
@@ -123,7 +123,7 @@ def test_exif_orientation_applied_identically_in_training_evaluation_and_search(
   for fn in (lambda d: augment.eval_image(d, (48, 24)),
              lambda d: augment.load_resized(d, (48, 24), augment.TRAIN_RESAMPLE)):
     np.testing.assert_array_equal(fn(data), fn(plain))
-  from ivt_jax import search_index
+  from ivt_jax.search import index as search_index
   (tmp_path / 'side.png').write_bytes(data)
   np.testing.assert_array_equal(search_index.load_image(str(tmp_path / 'side.png'), (48, 24)),
                                 augment.eval_image(plain, (48, 24)))
@@ -275,7 +275,7 @@ def test_nan_or_inf_in_weights_refused_before_training(tmp_path, fmt):
     weight_files.read_arrays(path, 'config.init.vit_npz')
   # The training program loads weights through this reader before its first step (pretrained.load_pretrained).
   from configs import demo
-  from ivt_jax import pretrained
+  from ivt_jax.weights import pretrained
   config = demo.get_config()
   config.init.vit_npz = path
   with pytest.raises(ValueError, match=r'hold NaN or infinite'):
@@ -380,7 +380,7 @@ def test_search_odd_but_valid_images_indexed_like_their_plain_versions(hostile_f
 
 @pytest.mark.parametrize('query', list(ODD_CAPTIONS.values()), ids=list(ODD_CAPTIONS))
 def test_search_odd_queries(tiny_model, query):  # noqa: F811
-  from ivt_jax import search_model
+  from ivt_jax.search import model as search_model
   q = search_model.embed_texts(tiny_model, [query])
   assert q.shape[0] == 1 and np.isfinite(q).all() and abs(np.linalg.norm(q) - 1) < 1e-4
 
@@ -404,8 +404,8 @@ def test_url_paths_refused_by_name(url, tmp_path, monkeypatch):
   """Schemes the program cannot write are refused by name, before anything is created (gs:// is supported:
   tests/test_gcs.py)."""
   from input_pipeline import paths
-  from ivt_jax import search_index
-  from ivt_jax import train
+  from ivt_jax.search import index as search_index
+  from ivt_jax.training import loop as train
   from tests.test_train import tiny_demo
   monkeypatch.chdir(tmp_path)
   scheme = url.split(':')[0].lower()
@@ -426,7 +426,7 @@ def test_gcs_paths_where_a_local_disk_is_needed(tmp_path):
   """The raw dataset and image folders to index are read from a local disk: a gs:// path there is refused,
   saying how to copy or mount it; nothing is contacted."""
   from input_pipeline import paths
-  from ivt_jax import search_index
+  from ivt_jax.search import index as search_index
   config = config_for(str(tmp_path))
   config.data.manual_dir = 'gs://bucket/CUHK-PEDES'
   with pytest.raises(paths.UnsupportedPathError, match=r"data path='gs://bucket/CUHK-PEDES': .*local .*disk.*"

@@ -1,5 +1,7 @@
-"""Floors point one way: configs and input_pipeline never import the training side (ivt_jax), and no module
-imports its importer, directly or around a circle. Every import statement counts, also those inside functions."""
+"""Floors point one way: configs and input_pipeline never import the training side (ivt_jax), a room of ivt_jax
+imports only the rooms below it, and no module imports its importer, directly or around a circle. Every import
+statement counts, also those inside functions. The tree shows the rooms: at most 10 modules directly in ivt_jax/
+(the programs), no source file over 600 lines."""
 import ast
 import os
 
@@ -10,6 +12,10 @@ PACKAGES = ('configs', 'input_pipeline', 'ivt_jax')
 # Which packages each package may import (itself included).
 ALLOWED = {'configs': {'configs'}, 'input_pipeline': {'input_pipeline'},
            'ivt_jax': {'ivt_jax', 'input_pipeline', 'configs'}}
+# The rooms of ivt_jax, lowest first (docs/architecture.md); the modules directly in ivt_jax/ (the programs) stand
+# above them all.
+ROOMS = ('runtime', 'objectives', 'models', 'weights', 'evaluation', 'training', 'search', 'bench', 'planner',
+         'tools')
 
 
 def _modules() -> dict[str, str]:
@@ -53,6 +59,38 @@ def test_lower_floors_never_import_higher_ones():
   assert not bad, bad
 
 
+def _room(module: str) -> int:
+  """The floor of an ivt_jax module: its room's place in ROOMS; the programs directly in ivt_jax/ above all."""
+  parts = module.split('.')
+  if len(parts) > 2 or (len(parts) == 2 and parts[1] in ROOMS):
+    assert parts[1] in ROOMS, f'{module} is in no room of {ROOMS}'
+    return ROOMS.index(parts[1])
+  return len(ROOMS)
+
+
+def test_rooms_import_only_rooms_below():
+  bad = [f'{m} imports {d}' for m, deps in graph().items() if m.startswith('ivt_jax.') for d in deps
+         if d.startswith('ivt_jax.') and _room(d) > _room(m)]
+  assert not bad, bad
+
+
+def test_the_tree_shows_the_rooms():
+  top = sorted(f for f in os.listdir(os.path.join(ROOT, 'ivt_jax')) if f.endswith('.py'))
+  assert len(top) <= 10, top
+  assert {d for d in os.listdir(os.path.join(ROOT, 'ivt_jax'))
+          if os.path.isfile(os.path.join(ROOT, 'ivt_jax', d, '__init__.py'))} == set(ROOMS)
+  long = {}
+  for path in _modules().values():
+    with open(path) as f:
+      n = sum(1 for _ in f)
+    if n > 600:
+      long[os.path.relpath(path, ROOT)] = n
+  assert not long, long
+  for room in ROOMS:  # each __init__.py short: a docstring and a few re-exports
+    with open(os.path.join(ROOT, 'ivt_jax', room, '__init__.py')) as f:
+      assert sum(1 for _ in f) <= 15, room
+
+
 def test_no_module_imports_its_importer():
   g = graph()
   state, cycles = {}, []
@@ -74,12 +112,15 @@ def test_no_module_imports_its_importer():
 
 def test_the_check_sees_a_backward_import(tmp_path, monkeypatch):
   """The check itself: a stand-in input_pipeline module importing ivt_jax is caught."""
-  modules = {'input_pipeline.x': str(tmp_path / 'x.py'), 'ivt_jax.model': '', 'ivt_jax': ''}
-  (tmp_path / 'x.py').write_text('def f():\n  from ivt_jax import model\n')
-  assert _imports(modules['input_pipeline.x'], modules) == {'ivt_jax.model'}
-  monkeypatch.setitem(globals(), 'graph', lambda: {'input_pipeline.x': {'ivt_jax.model'}})
-  with pytest.raises(AssertionError, match='input_pipeline.x imports ivt_jax.model'):
+  modules = {'input_pipeline.x': str(tmp_path / 'x.py'), 'ivt_jax.models.encoder': '', 'ivt_jax': ''}
+  (tmp_path / 'x.py').write_text('def f():\n  from ivt_jax.models import encoder\n')
+  assert _imports(modules['input_pipeline.x'], modules) == {'ivt_jax.models.encoder'}
+  monkeypatch.setitem(globals(), 'graph', lambda: {'input_pipeline.x': {'ivt_jax.models.encoder'}})
+  with pytest.raises(AssertionError, match='input_pipeline.x imports ivt_jax.models.encoder'):
     test_lower_floors_never_import_higher_ones()
+  monkeypatch.setitem(globals(), 'graph', lambda: {'ivt_jax.models.x': {'ivt_jax.training.step'}})
+  with pytest.raises(AssertionError, match='ivt_jax.models.x imports ivt_jax.training.step'):
+    test_rooms_import_only_rooms_below()
   monkeypatch.setitem(globals(), 'graph', lambda: {'ivt_jax.a': {'ivt_jax.b'}, 'ivt_jax.b': {'ivt_jax.a'}})
   with pytest.raises(AssertionError, match='ivt_jax.a -> ivt_jax.b -> ivt_jax.a'):
     test_no_module_imports_its_importer()

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ivt_jax import losses
+from ivt_jax.objectives import cmpm as losses
 
 
 def numpy_cmpm(x, z, ids, eps=1e-8):

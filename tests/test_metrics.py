@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ivt_jax.metrics import reference_gallery, reference_metrics, retrieval_metrics
+from ivt_jax.evaluation.metrics import reference_gallery, reference_metrics, retrieval_metrics
 
 
 def naive(sim, qids, gids):
@@ -112,7 +112,7 @@ def test_reference_gallery_is_every_second_pair_image_for_cuhk():
 
 
 def test_evaluate_reference_protocol_builds_the_reference_gallery():
-  from ivt_jax import evaluate
+  from ivt_jax.evaluation import evaluate
   rng = np.random.default_rng(0)
   image_emb = rng.normal(size=(4, 8)).astype(np.float32)
   text_emb = rng.normal(size=(8, 8)).astype(np.float32)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ivt_jax import model
+from ivt_jax.models import encoder as model
 from tests.conftest import tiny_config
 
 
@@ -141,7 +141,7 @@ def test_bmm_in_training_and_not_at_eval():
 
 
 def test_modality_mlps_get_gradient_only_from_their_modality():
-  from ivt_jax import losses
+  from ivt_jax.objectives import cmpm as losses
   _, cfg, enc, p = _setup()
   images, ids, mask = _inputs(cfg)
   pid = jnp.array([0, 1, 0])
@@ -200,7 +200,7 @@ def test_config_errors_name_the_key():
 
 def test_short_levels_run_on_their_own_positions_with_the_same_loss_and_gradients():
   """step.loss_fn with per-level text lengths == one forward over the full length, when the rest is padding."""
-  from ivt_jax import step
+  from ivt_jax.training import step
   c, cfg, enc, p = _setup(drop_path=0.0, text_embed_dropout=0.0)
   rng = np.random.default_rng(1)
   b, length, lengths = 4, 16, (16, 9, 6)

@@ -121,7 +121,7 @@ def config(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume(config, tmp_path):
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   assert jax.device_count() == 8
   cache = str(tmp_path / 'jax_cache')
   # One process, 8 devices: steps 0-2, then resumed to 4 (the same schedule as the two-process runs).

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from ivt_jax import optim
+from ivt_jax.training import optim
 
 
 def _config(unit, epochs=120, warmup=5.0, lr=0.005, warmup_init=5e-5, min_lr=1e-5):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from ivt_jax import heads
-from ivt_jax import model as model_lib
-from ivt_jax import part_cost
-from ivt_jax import part_losses
-from ivt_jax import part_model
-from ivt_jax import step as step_lib
+from ivt_jax.models import heads
+from ivt_jax.models import encoder as model_lib
+from ivt_jax.bench import part_cost
+from ivt_jax.objectives import part as part_losses
+from ivt_jax.models import part as part_model
+from ivt_jax.training import step as step_lib
 
 
 def part_config(**part):
@@ -57,8 +57,8 @@ def test_shapes_and_encoder_names():
   np.testing.assert_allclose(encoder.apply({'params': enc_part}, ids, mask, method='embed_texts'), gt, atol=1e-5)
   # Composite vectors.
   u8 = jnp.asarray(np.random.default_rng(0).integers(0, 256, images.shape), jnp.uint8)
-  assert step_lib.embed_images(params, u8, encoder=module).shape == (4, (1 + k) * d)
-  assert step_lib.embed_texts(params, ids, mask, encoder=module).shape == (4, (1 + k) * d)
+  assert heads.embed_images(params, u8, encoder=module).shape == (4, (1 + k) * d)
+  assert heads.embed_texts(params, ids, mask, encoder=module).shape == (4, (1 + k) * d)
   assert part_model.embedding_size(c) == (1 + k) * d
   # Separate decoders, uniform weights: no weight MLP, two decoders, one set of queries.
   module2, params2 = _init(part_config(share_decoder=False, weights='uniform'))
@@ -121,9 +121,9 @@ def test_score_is_dot_product_of_composites(weights, score):
   if score == 'coarse_fine':
     for k in range(c.part.num_parts):
       expected = expected + 2.5 * np.asarray(w)[:, k:k + 1] * (n(pt[:, k]) @ n(pi[:, k]).T)
-  img = step_lib.embed_images(params, u8, encoder=module)
-  txt = step_lib.embed_texts(params, ids, mask, encoder=module)
-  from ivt_jax import evaluate
+  img = heads.embed_images(params, u8, encoder=module)
+  txt = heads.embed_texts(params, ids, mask, encoder=module)
+  from ivt_jax.evaluation import evaluate
   np.testing.assert_allclose(evaluate.similarity(np.asarray(txt), np.asarray(img)), expected, atol=1e-5)
   np.testing.assert_allclose(part_model.score(gi, pi, gt, pt, w, module.part), expected, atol=1e-5)
 
@@ -305,7 +305,7 @@ def test_part_losses_off_before_start_epoch():
 
 
 def test_train_step_reports_part_metrics_and_stays_finite():
-  from ivt_jax import optim
+  from ivt_jax.training import optim
   c = part_config()
   c.data.ids_per_batch, c.data.images_per_id = 3, 2
   module, params = _init(c)
@@ -334,7 +334,7 @@ def test_cost_summary_sizes():
 @pytest.mark.slow
 def test_end_to_end_training_with_part_head(tmp_path):
   from test_train import tiny_demo
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   c = tiny_demo(str(tmp_path / 'data'))
   c.model.head = 'part'
   c.part.update(num_parts=2, weight_hidden=8)

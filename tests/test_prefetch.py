@@ -1,4 +1,4 @@
-"""ivt_jax.prefetch: batches read and placed ahead, state as the taken batches, errors surface, no hang."""
+"""ivt_jax.training.prefetch: batches read and placed ahead, state as the taken batches, errors surface, no hang."""
 import threading
 import time
 
@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from ivt_jax import prefetch
-from ivt_jax import sharding as sharding_lib
+from ivt_jax.training import prefetch
+from ivt_jax.runtime import sharding as sharding_lib
 from conftest import tiny_config
 
 

@@ -23,11 +23,11 @@ from safetensors.numpy import save_file
 from scipy.special import erf
 
 from configs import base
-from ivt_jax import model
-from ivt_jax import pretrained
-from ivt_jax import weight_files
-from ivt_jax import weight_mapping
-from ivt_jax import weight_report
+from ivt_jax.models import encoder as model
+from ivt_jax.weights import pretrained
+from ivt_jax.weights import files as weight_files
+from ivt_jax.weights import mapping as weight_mapping
+from ivt_jax.weights import report as weight_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIDE = r'cls_token,pos_embed,type_embed,patch_embed/.*,norm/.*,blocks_\d+/(norm1|norm2|attn|mlp_vis)/.*'
@@ -628,7 +628,7 @@ def test_convert_cli_writes_an_orbax_checkpoint(tmp_path):
   assert meta['config']['model']['stride'] == 12 and meta['config']['init']['ivt'].endswith('ivt.safetensors')
   assert meta['init_report']['groups']['blocks_*/attn'] == {'ivt': [0, 1]}
   assert 'temp' in meta['init_report']['ignored']['ivt']
-  from ivt_jax import checkpoints  # the reader training and evaluation use
+  from ivt_jax.training import checkpoints  # the reader training and evaluation use
   params, meta = checkpoints.restore_params(str(out), abstract)
   np.testing.assert_array_equal(np.asarray(params['blocks_1']['attn']['qkv']['kernel']),
                                 sd['blocks.1.attn.qkv.weight'].T)

@@ -1,10 +1,10 @@
-"""ivt_jax.retrieval.topk: exact top-k with ties by gallery index, sharded over 8 devices, bounded memory."""
+"""ivt_jax.evaluation.retrieval.topk: exact top-k with ties by gallery index, sharded over 8 devices, bounded memory."""
 import jax
 import numpy as np
 import pytest
 
-from ivt_jax import metrics
-from ivt_jax import retrieval
+from ivt_jax.evaluation import metrics
+from ivt_jax.evaluation import retrieval
 
 
 def _integer_embeddings(rng, n, d=6):
@@ -26,7 +26,7 @@ def _mesh(n):
 def test_topk_on_the_training_mesh():
   """A 2-D data x fsdp mesh (sharding.make_mesh): the gallery is split over both axes."""
   from configs import base
-  from ivt_jax import sharding
+  from ivt_jax.runtime import sharding
   c = base.get_config()
   c.mesh.data, c.mesh.fsdp = 2, 4
   rng = np.random.default_rng(5)
@@ -56,7 +56,7 @@ def test_topk_equals_stable_argsort_with_ties(devices, query_chunk, gallery_chun
 
 
 def test_topk_agrees_with_metrics_rank_order():
-  """R@k from the top-k lists equals ivt_jax.metrics' R@k (same tie rule) on tied scores."""
+  """R@k from the top-k lists equals ivt_jax.evaluation.metrics' R@k (same tie rule) on tied scores."""
   rng = np.random.default_rng(3)
   text, gallery = _integer_embeddings(rng, 40, 3), _integer_embeddings(rng, 97, 3)
   query_ids = rng.integers(0, 10, size=40)

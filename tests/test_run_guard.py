@@ -1,4 +1,4 @@
-"""ivt_jax.run_guard: one run per workdir (a live owner refused, a killed one's lock no obstacle) and the
+"""ivt_jax.training.run_guard: one run per workdir (a live owner refused, a killed one's lock no obstacle) and the
 config keys a resumed run may change."""
 import json
 import os
@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from ivt_jax import run_guard
+from ivt_jax.training import run_guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD = ('import sys, time\nfrom ivt_jax import run_guard\nrun_guard.WorkdirLock(sys.argv[1]).acquire()\n'
+HOLD = ('import sys, time\nfrom ivt_jax.training import run_guard\nrun_guard.WorkdirLock(sys.argv[1]).acquire()\n'
         'print("locked", flush=True)\ntime.sleep(120)\n')
 
 

@@ -17,9 +17,9 @@ def make_demo_workdir(root: str):
   data and the SentencePiece model in <workdir>/tfds, parameters with train.py's meta ('config' after
   evaluate.build, 'tokenizer' identity) in <workdir>/best. The parameters are freshly initialized (training
   does not matter here and would take minutes on 2 cores). -> (workdir, config)."""
-  from ivt_jax import checkpoints
-  from ivt_jax import evaluate
-  from ivt_jax import model as model_lib
+  from ivt_jax.training import checkpoints
+  from ivt_jax.evaluation import evaluate
+  from ivt_jax.models import encoder as model_lib
   from input_pipeline import prepare
   from tests.test_train import tiny_demo
   workdir = os.path.join(root, 'work')
@@ -85,7 +85,7 @@ def test_config_file_overrides_saved_config(tiny_run, tiny_model, tmp_path):
 
 
 def test_index_matches_evaluation_gallery_and_query(tiny_run, tiny_model, tmp_path, capsys):
-  from ivt_jax import evaluate
+  from ivt_jax.evaluation import evaluate
   from input_pipeline import prepare
   workdir, config = tiny_run
   folder, out = _test_images(tiny_run), str(tmp_path / 'index')
@@ -102,7 +102,7 @@ def test_index_matches_evaluation_gallery_and_query(tiny_run, tiny_model, tmp_pa
 
   # The same vectors as the evaluation gallery of the test split (same preprocessing, same model).
   cfg, prepared, tok, encoder, mesh, abstract, shardings = evaluate.build(tiny_model.config, workdir)
-  from ivt_jax import checkpoints
+  from ivt_jax.training import checkpoints
   params, _ = checkpoints.restore_params(workdir, abstract, shardings)
   _, emb, _, source = evaluate.run_evaluation(cfg, params, encoder, mesh, shardings, prepared, tok, 'test')
   by_name = {}
@@ -214,7 +214,7 @@ def test_unreadable_files_skipped_and_incremental_update(tiny_run, tiny_model, t
 
 
 def test_index_from_another_model_or_tokenizer_refused(tiny_run, tiny_model, tmp_path, capsys):
-  from ivt_jax import checkpoints
+  from ivt_jax.training import checkpoints
   from input_pipeline import tokenizers
   workdir = tiny_run[0]
   folder, out = _test_images(tiny_run), str(tmp_path / 'index')

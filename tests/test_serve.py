@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from ivt_jax import search
-from ivt_jax import serve
-from ivt_jax import serve_state
+from ivt_jax.search import server as serve
+from ivt_jax.search import state as serve_state
 from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
 
 CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
@@ -178,7 +178,7 @@ def test_token_required_on_every_request(holder):
 
 
 def test_limits_answer_4xx_and_never_reach_the_model(client, holder):
-  from ivt_jax import serve as serve_lib
+  from ivt_jax.search import server as serve_lib
   before = client.app.state.batcher.queries
   cases = [
       ({'q': 'x' * 1001}, 422, 'longer than 1000'), ({'q': '   '}, 422, 'empty query'),
@@ -335,7 +335,7 @@ def test_the_page_in_headless_chromium(live, tmp_path):
 
 def test_approximate_index_behind_the_same_api(tiny_model, index_dir, client):  # noqa: F811
   from fastapi.testclient import TestClient
-  from ivt_jax import serve_ann
+  from ivt_jax.search import ann as serve_ann
   holder = serve_state.IndexHolder(index_dir, tiny_model, approximate=serve_ann.build, log=lambda _: None)
   with TestClient(serve.create_app(holder)) as c:
     assert c.get('/api/info').json()['approximate'] is True

@@ -30,7 +30,7 @@ def tiny_demo(data_root):
   # about one Adam step (1e-4) apart between 1 and 8 devices: gradients near 0, where Adam's normalization
   # magnifies the rounding of a different reduction order. The comparisons below test the sharded arithmetic.
   c.model.init_std = 0.02
-  # The demo's weight decay before 2026-12-01 (0.5 now): the sharded-against-one-device tolerances below and in
+  # The demo's earlier weight decay (0.5 now): the sharded-against-one-device tolerances below and in
   # test_multiprocess.py were measured with it (one kernel element moved 2.1e-5 with 0.5, over the 2e-5 there).
   c.optim.weight_decay = 0.05
   c.num_epochs = 2
@@ -60,7 +60,7 @@ def data_root(tmp_path_factory):
 
 
 def _final_params(workdir):
-  from ivt_jax import checkpoints
+  from ivt_jax.training import checkpoints
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state',))
   step = manager.latest_step()
@@ -78,7 +78,7 @@ def _assert_trees(a, b, atol=0.0):
 
 @pytest.mark.slow
 def test_end_to_end_and_exact_resume(data_root, tmp_path):
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   c = tiny_demo(data_root)
   c.total_steps = 6
   full = str(tmp_path / 'full')
@@ -110,7 +110,7 @@ def test_end_to_end_and_exact_resume(data_root, tmp_path):
   # Saved every checkpoint_every_steps (2) and at the last step (3), which is not a multiple of it; no extra
   # save at step 1.
   assert sorted(int(d) for d in os.listdir(os.path.join(half, 'checkpoints')) if d.isdigit()) == [2, 3]
-  from ivt_jax import run_guard
+  from ivt_jax.training import run_guard
   changed = c.copy_and_resolve_references()
   changed.model.mlp_dim, changed.optim.lr = 128, 5e-4
   with pytest.raises(run_guard.ConfigChangedError, match=r'model\.mlp_dim: 64 in the checkpoint, 128 now'):
@@ -140,7 +140,7 @@ def test_end_to_end_and_exact_resume(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_on_8_devices_matches_one_device(data_root, tmp_path):
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   assert jax.device_count() == 8
   c = tiny_demo(data_root)
   c.total_steps = 3
@@ -158,7 +158,7 @@ def test_fsdp_on_8_devices_matches_one_device(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_step(data_root, tmp_path):
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   c = tiny_demo(data_root)
   c.total_steps = 6
   c.optim.lr = 1e30
@@ -188,7 +188,7 @@ def test_sigterm_leaves_restorable_checkpoint(data_root, tmp_path):
   deadline = time.time() + 300
   for line in proc.stdout:
     lines.append(line)
-    if 'train step' in line or time.time() > deadline:  # the progress line (ivt_jax.console)
+    if 'train step' in line or time.time() > deadline:  # the progress line (ivt_jax.runtime.console)
       break
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
@@ -204,7 +204,7 @@ def test_sigterm_leaves_restorable_checkpoint(data_root, tmp_path):
 def test_text_buckets_train_as_the_fixed_length(data_root, tmp_path):
   """Batches padded to data.text_buckets (a compiled step per length) train as those padded to text_length:
   only padding differs, and padding is masked."""
-  from ivt_jax import train
+  from ivt_jax.training import loop as train
   c = tiny_demo(data_root)
   c.total_steps = 4
   train.train_and_evaluate(c, str(tmp_path / 'fixed'))

@@ -126,11 +126,11 @@ def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
       jobs.append((a, facing, image_size, _image_seed(seed, a['split'], index, n, 3), os.path.join(imgs, rel)))
 
   total, t0 = len(jobs), time.time()
-  logging.info('SynthPEDES: drawing %d images (%d ids: %d per training id, %d per val/test id; %dx%d) into '
+  logging.debug('SynthPEDES: drawing %d images (%d ids: %d per training id, %d per val/test id; %dx%d) into '
                '%s with %d worker(s).', total, num_ids, images_per_id, eval_images_per_id, image_size[0],
                image_size[1], out_dir, workers)
 
-  bar = tqdm.tqdm(total=total, desc='SynthPEDES: drawing', unit=' images', mininterval=1.0, leave=True)
+  bar = tqdm.tqdm(total=total, desc=f'SynthPEDES: drawing into {out_dir}', unit=' images', mininterval=1.0, leave=True)
 
   def progress(done: int) -> None:
     bar.update(1)
@@ -149,7 +149,7 @@ def generate(out_dir: str, num_ids: int, images_per_id: int, seed: int = 0,
           progress(i + 1)
   finally:
     bar.close()
-  logging.info('SynthPEDES: drew %d images in %.1f s.', total, time.time() - t0)
+  logging.debug('SynthPEDES: drew %d images in %.1f s.', total, time.time() - t0)
 
   _write_json(json_path, records)
   _write_json(params_path, {'params': params, 'complete': True, 'identities': identities})
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--hard-negative-fraction', type=float, default=0.25)
   parser.add_argument('--workers', type=int, default=1)
   args = parser.parse_args(argv)
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.DEBUG)  # this program's own summary lines (debug inside a training run)
   logging.use_absl_handler()
   try:
     path = generate(args.out, args.ids, args.images_per_id, seed=args.seed,

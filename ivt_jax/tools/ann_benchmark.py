@@ -5,7 +5,7 @@
 The gallery imitates person embeddings: --images unit vectors in --identities clusters (an identity's images
 are its centre plus noise, as different views of one person), queries the centre of a random identity plus
 noise of their own (a description is not any one of the images). Exact search scores every embedding (one
-float32 matrix product, the server's default); the approximate index is ivt_jax/serve_ann.py's faiss HNSW.
+float32 matrix product, the server's default); the approximate index is ivt_jax/search/ann.py's faiss HNSW.
 recall@10 is the fraction of the exact top 10 that the approximate top 10 holds, averaged over the queries.
 Latency is one query at a time (as the server answers), p50 and p99 over --queries, after a warm-up.
 """
@@ -42,7 +42,7 @@ def exact_top(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
 
 
 def run(images: int, dim: int, queries: int, identities: int, k: int = 10, seed: int = 0) -> dict:
-  from ivt_jax import serve_ann  # pylint: disable=g-import-not-at-top
+  from ivt_jax.search import ann as serve_ann  # pylint: disable=g-import-not-at-top
   x, q = gallery(images, dim, identities, queries, seed)
   truth = np.concatenate([exact_top(x, q[i:i + 64], k) for i in range(0, len(q), 64)])
   t = time.perf_counter()

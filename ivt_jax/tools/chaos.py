@@ -18,7 +18,7 @@ runs) at a random moment inside a chosen phase, then starts it again, one phase 
 
 (--phases picks some of them, in this order.) A phase the run does not reach ends the episode there. After the last kill the run goes to the end, and its results must be
 bit-identical to the reference's: the test metrics, the best validation metrics and step (metrics.json), and the
-checksums of the best parameters and of the final training state (every array, bit for bit: ivt_jax/integrity.py).
+checksums of the best parameters and of the final training state (every array, bit for bit: ivt_jax/training/integrity.py).
 Episodes follow until --kills kills were made. The tool prints a table (kills per phase, restarts, results equal)
 and writes DIR/chaos.json; it exits 1 if any episode's results differ or a run fails.
 
@@ -103,7 +103,7 @@ def attempt(cmd: Sequence[str], workdir: str, log_path: str, target: Optional[st
   | ('failed', reason)."""
   with open(log_path, 'w') as log_file:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, IVT_VERBOSE='0'))
+                            env=dict(os.environ, IVT_VERBOSE='1'))  # the phases' log lines
   start, kill_at = time.time(), None
   while True:
     rc = proc.poll()

@@ -10,13 +10,13 @@ PyTorch (`pip install torch`; CPU is enough). The check:
      --size=small: 64x32 images, stride 16, width 64, 2 blocks, 2 heads, a 1,000-word vocabulary, a few
      seconds; --size=vitb: ViT-B at 384x128, stride 16, the bert-base-uncased vocabulary size, minutes on a CPU),
      and converts its state_dict into this project's parameters with the released-checkpoint converter
-     (`ivt_jax.weight_mapping.convert_ivt`, strict: every parameter accounted for);
+     (`ivt_jax.weights.mapping.convert_ivt`, strict: every parameter accounted for);
   2. embeds the same random images and token ids with both, in evaluation mode, and compares the CLS
      embeddings (image and text);
   3. runs --steps training steps of both from those weights on the same MLA batches (3 levels per sample,
      identity-balanced), with what is random switched off on both sides (stochastic depth, text dropout, BMM):
      the reference's loop (its encoder in training mode, its CMPM Loss, torch SGD with one group per tensor,
-     biases at 2x lr, momentum 0.9, weight decay 1e-4) against `ivt_jax.step.train_step` with
+     biases at 2x lr, momentum 0.9, weight decay 1e-4) against `ivt_jax.training.step.train_step` with
      `optim.name='sgd'` and a constant lr of 0.005; compares each step's loss and, after the last step, every
      parameter (the reference's updated state_dict converted again).
 Everything runs in float32 on the CPU. Printed: one line per figure (`name: value`) and a verdict; the exit status
@@ -37,12 +37,12 @@ import numpy as np
 from flax import traverse_util
 
 from configs import base
-from ivt_jax import model as model_lib
-from ivt_jax import optim
-from ivt_jax import pretrained
-from ivt_jax import step as step_lib
-from ivt_jax import step_setup
-from ivt_jax import weight_mapping
+from ivt_jax.models import encoder as model_lib
+from ivt_jax.training import optim
+from ivt_jax.weights import pretrained
+from ivt_jax.training import step as step_lib
+from ivt_jax.training import setup as step_setup
+from ivt_jax.weights import mapping as weight_mapping
 from ivt_jax.tools import reference as reference_lib
 
 SIZES = {

@@ -1,5 +1,5 @@
 """The CLIP head against OpenAI's own model: a randomly initialized `clip.model.CLIP` of a checkout of openai/CLIP
-(imported from the directory given, none of its code here), its state dict converted by `ivt_jax.clip_weights`,
+(imported from the directory given, none of its code here), its state dict converted by `ivt_jax.weights.clip`,
 and both models' embeddings of the same images and texts compared.
 
   python -m ivt_jax.tools.clip_parity --reference_repo=DIR [--size=tiny|vit-b16] [--torchscript] [--json=F]
@@ -65,8 +65,10 @@ def ours(state_or_file, size: str, images: np.ndarray, texts: np.ndarray):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
-  from ivt_jax import clip_model, clip_weights, pretrained  # pylint: disable=g-import-not-at-top
-  from ivt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from ivt_jax.models import clip as clip_model  # pylint: disable=g-import-not-at-top
+  from ivt_jax.weights import clip as clip_weights  # pylint: disable=g-import-not-at-top
+  from ivt_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
+  from ivt_jax.models import encoder as model_lib  # pylint: disable=g-import-not-at-top
   embed, res, v_layers, v_width, patch, context, vocab, width, heads, layers = SIZES[size]
   c = base.get_config()
   c.model.head = 'clip'

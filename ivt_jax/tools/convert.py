@@ -7,14 +7,14 @@
       --config.init.bert=/weights/bert-base-uncased --out=/ckpt/imagenet_bert_init
 
 The files are applied as in training (config.init.vit_npz, then .bert, then .ivt; config.init.allow_random for
-what may stay freshly initialized), strictly: see ivt_jax/pretrained.py. The model's shape comes from the config
+what may stay freshly initialized), strictly: see ivt_jax/weights/pretrained.py. The model's shape comes from the config
 alone (image size, patch size, stride, width, ...); with a WordPiece vocab_file configured the vocabulary size is
 read from it, as training does.
 
 Output: an Orbax CheckpointManager directory with one step, 0, holding two items:
   <out>/0/params   the model's parameter tree (StandardSave; the tree training builds for config.model.head)
   <out>/0/meta     json: {'config': the config used, 'init_report': where every parameter came from, 'tool'}
-`ivt_jax.checkpoints.restore_params(<out>, abstract_params)` reads it, and so does plain Orbax:
+`ivt_jax.training.checkpoints.restore_params(<out>, abstract_params)` reads it, and so does plain Orbax:
   ocp.CheckpointManager(out, item_names=('params', 'meta')).restore(
       0, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
 """
@@ -34,11 +34,11 @@ from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
 from input_pipeline import paths
-from ivt_jax import checkpoints
-from ivt_jax import heads
-from ivt_jax import model as model_lib
-from ivt_jax import pretrained
-from ivt_jax import weight_report
+from ivt_jax.training import checkpoints
+from ivt_jax.models import heads
+from ivt_jax.models import encoder as model_lib
+from ivt_jax.weights import pretrained
+from ivt_jax.weights import report as weight_report
 
 FLAGS = flags.FLAGS
 
@@ -108,4 +108,5 @@ def main(argv):
 if __name__ == '__main__':
   _define_flags()
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  from ivt_jax.runtime import cli
+  cli.run_absl(main)

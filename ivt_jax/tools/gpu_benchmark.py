@@ -14,8 +14,8 @@ are kept as they come), in this order:
   retrieval  top-10 of 10,000 text queries over 1,000,000 images (random unit embeddings, 768-d, bfloat16);
   pipeline   the Grain input pipeline at CUHK-PEDES's shapes (384x128 output, text 64, stride 12) on JPEG images
              (in-memory SynthPEDES drawn at --pipeline_image_hw) with --pipeline_workers workers: samples/s;
-  loop       the training loop of configs/cuhk.py in bfloat16 (ivt_jax.loop_benchmark): the step alone, that
-             pipeline alone and the two together as ivt_jax.train runs them, in steps/s.
+  loop       the training loop of configs/cuhk.py in bfloat16 (ivt_jax.bench.loop): the step alone, that
+             pipeline alone and the two together as ivt_jax.training.loop runs them, in steps/s.
 Writes <out>/gpu_benchmark.json (every figure) and <out>/gpu_benchmark.md (the tables), and prints the tables.
 --size=tiny runs the same program on a tiny model and small sizes (the CPU check in CI).
 Packages: jax, flax, optax, numpy, pillow, sentencepiece and tokenizers are on the GPU machines; grain,
@@ -96,7 +96,8 @@ def _emit_step_figures(emit, prefix: str, figures: dict, keys) -> None:
 
 def section_train(size: str, emit: Callable[[str, Any], None], args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from ivt_jax import benchmark, step_setup  # pylint: disable=g-import-not-at-top
+  from ivt_jax.bench import step as benchmark  # pylint: disable=g-import-not-at-top
+  from ivt_jax.training import setup as step_setup  # pylint: disable=g-import-not-at-top
   s = _sizes(size)
   batch = s['ids'] * s['images_per_id']
   rows = [(stride, dtype, attn) for stride in (12, 16) for dtype in ('float32', 'bfloat16')
@@ -149,7 +150,7 @@ def section_reference(size: str, emit, args) -> None:
 
 
 def section_mfu(size: str, emit, args) -> None:
-  from ivt_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from ivt_jax.bench import step as benchmark  # pylint: disable=g-import-not-at-top
   s = _sizes(size)
   for attn in ('xla', 'cudnn'):
     batch = args.mfu_batch or s['mfu_batch']
@@ -179,7 +180,7 @@ def section_mfu(size: str, emit, args) -> None:
 
 def section_retrieval(size: str, emit, args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from ivt_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from ivt_jax.bench import step as benchmark  # pylint: disable=g-import-not-at-top
   q, g, d = _sizes(size)['retrieval']
   dtype = 'float32' if jax.devices()[0].platform == 'cpu' else 'bfloat16'
   f = benchmark.benchmark_retrieval(q, g, d, dtype, k=10, repeats=3, log=lambda *a: None)
@@ -215,7 +216,7 @@ def section_pipeline(size: str, emit, args) -> None:
 
 
 def section_loop(size: str, emit, args) -> None:
-  from ivt_jax import loop_benchmark  # pylint: disable=g-import-not-at-top
+  from ivt_jax.bench import loop as loop_benchmark  # pylint: disable=g-import-not-at-top
   s = _sizes(size)
   c = model_config(size, 12, 'bfloat16', 'xla')
   c.data.worker_count = (args.pipeline_workers if args.pipeline_workers >= 0 else min(16, os.cpu_count() or 1)

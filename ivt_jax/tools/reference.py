@@ -14,7 +14,7 @@ one length, `encoder(img, mode='vis')[:, 0]` and `encoder(ids, mask, mode='txt')
 (use_mask=True, ratio 0.2), its CMPM loss, torch SGD with one parameter group per tensor (lr 0.005, biases x2,
 momentum 0.9, weight decay 1e-4: make_optimizer_triplet), fp16 autocast with a GradScaler on CUDA (the
 reference's `amp.autocast(enabled=True)`). On a CPU the step runs in float32 without autocast (the reference's
-AMP is CUDA's). The batch is made once on the device (the data loader is not timed, as in ivt_jax.benchmark).
+AMP is CUDA's). The batch is made once on the device (the data loader is not timed, as in ivt_jax.bench.step).
 Figures: step time (mean and median over --steps after --warmup), pairs per second (3B pairs per step).
 """
 from __future__ import annotations

@@ -1,0 +1,446 @@
+"""The IVT encoder: one transformer shared by images and texts (Flax Linen, pure functional).
+
+Per block, `norm1`, the attention (`attn.qkv` laid out q|k|v, `attn.proj`) and `norm2` are shared by both
+modalities; the MLP is per modality (`mlp_vis` for images, `mlp_txt` for texts). Images enter through an
+overlapping patch convolution, a CLS token and learned position and type embeddings; texts through BERT-style
+word + position + token-type embeddings with LayerNorm(eps 1e-12). The CLS output after the final LayerNorm is
+the embedding; retrieval compares embeddings by cosine.
+
+Numerics follow the reference: LayerNorm eps 1e-6 in the blocks, exact (erf) GELU, additive (1 - mask) * -10000
+attention masks, stochastic depth linearly 0 -> drop_path over the blocks, qkv with bias.
+
+Fresh parameters (training from scratch; loaded checkpoints replace them): truncated normal with std 0.02 for
+CLS, position and type embeddings, normal(0.02) for the text embeddings, normal(sqrt(2 / fan_out)) for the patch
+convolution, and truncated normal with std `model.init_std` (0.02, ViT-B/BERT's value, by default) for every
+block's qkv, proj, fc1 and fc2 kernels. 0.02 suits width 768; a narrow model gets nearly-identity blocks from it,
+and the text [CLS] then leaves the untrained transformer almost the same for every caption, so CMPM stays near its
+chance value for a while (configs/demo.py uses 0.08, about 1/sqrt(width); docs/demo.md has the runs).
+`model.pos_embed_init='sincos2d'` starts the image position embedding (still learned) from 2-D sine-cosine codes
+of the patch grid instead (`sincos2d_pos_embed`): at std 0.02 the position signal is a small fraction of the patch
+content, and a model trained from scratch first has to learn where each garment is.
+
+BMM token dropping is done by masking, not by removal, so that every shape is static under jit: a dropped token
+is excluded as a key in every layer with the same additive -10000 used for padding. Every kept token (CLS
+included) then attends to exactly the kept tokens, with the dropped ones contributing exp(-10000 + s) = 0 (exactly
+0 in float32 and bfloat16), so the CLS output equals the output of the sequence with those tokens removed; the
+dropped tokens' own outputs are computed and ignored. tests/test_model.py checks this equivalence.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from input_pipeline import shapes
+
+MASK_VALUE = -10000.0  # the reference's additive mask, not -inf.
+_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+POS_EMBED_INITS = ('trunc_normal', 'sincos2d')
+PATCH_EMBEDS = ('auto', 'conv', 'matmul')
+
+
+def sincos2d_pos_embed(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """(1, 1 + rows * cols, width) fixed 2-D sine-cosine position codes; row 0 (the CLS token) is zero.
+
+  Per patch at (row r, col c), width / 4 frequencies w_k = temperature^(-k / (width / 4 - 1)):
+  [sin(c w), cos(c w), sin(r w), cos(r w)], patches row-major as the patch convolution flattens them.
+  """
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need model.width divisible by 4, got {width}')
+  rows, cols = grid
+  quarter = width // 4
+  omega = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+  r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing='ij')
+  r = r.reshape(-1, 1) * omega[None]
+  c = c.reshape(-1, 1) * omega[None]
+  codes = np.concatenate([np.sin(c), np.cos(c), np.sin(r), np.cos(r)], axis=1)
+  return np.concatenate([np.zeros((1, width)), codes], axis=0)[None].astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Static description of the encoder; built from `config.model` and `config.data` by `encoder_config`."""
+  image_size: tuple[int, int] = (384, 128)
+  patch_size: int = 16
+  stride: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  vocab_size: int = 30522
+  max_text_positions: int = 512
+  type_vocab_size: int = 2
+  drop_path: float = 0.1
+  text_embed_dropout: float = 0.1
+  bmm_ratio: float = 0.2
+  ln_eps: float = 1e-6
+  text_ln_eps: float = 1e-12
+  dtype: str = 'float32'
+  attention: str = 'xla'
+  remat: bool = False
+  init_std: float = 0.02
+  pos_embed_init: str = 'trunc_normal'
+  patch_embed: str = 'auto'
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return shapes.patch_grid(self.image_size, self.patch_size, self.stride)
+
+  @property
+  def num_image_tokens(self) -> int:
+    return shapes.num_image_tokens(self.image_size, self.patch_size, self.stride)
+
+
+def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
+  """The one place where the experiment config becomes the encoder's static config."""
+  m = config.model
+  if m.width % m.num_heads:
+    raise ValueError(f'model.width ({m.width}) must be divisible by model.num_heads ({m.num_heads})')
+  if m.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+  if not m.init_std > 0:
+    raise ValueError(f'model.init_std must be positive, got {m.init_std}')
+  if m.pos_embed_init not in POS_EMBED_INITS:
+    raise ValueError(f'model.pos_embed_init must be one of {POS_EMBED_INITS}, got {m.pos_embed_init!r}')
+  if m.attention not in ('xla', 'cudnn', 'auto'):
+    raise ValueError(f"model.attention must be 'xla', 'cudnn' or 'auto', got {m.attention!r}")
+  patch_embed = m.get('patch_embed', 'auto')
+  if patch_embed not in PATCH_EMBEDS:
+    raise ValueError(f'model.patch_embed must be one of {PATCH_EMBEDS}, got {patch_embed!r}')
+  if config.data.text_length > m.max_text_positions:
+    raise ValueError(f'data.text_length ({config.data.text_length}) exceeds model.max_text_positions '
+                     f'({m.max_text_positions})')
+  if not 0.0 <= config.data.bmm_ratio < 1.0:
+    raise ValueError(f'data.bmm_ratio must be in [0, 1), got {config.data.bmm_ratio}')
+  return EncoderConfig(
+      image_size=tuple(config.data.image_size), patch_size=m.patch_size, stride=m.stride, width=m.width,
+      depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
+      max_text_positions=m.max_text_positions, type_vocab_size=m.type_vocab_size, drop_path=m.drop_path,
+      text_embed_dropout=m.text_embed_dropout, bmm_ratio=config.data.bmm_ratio, ln_eps=m.ln_eps,
+      text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat, init_std=m.init_std,
+      pos_embed_init=m.pos_embed_init, patch_embed=patch_embed)
+
+
+def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with every backend-dependent choice ('auto') made for `platform` ('cpu', 'tpu', 'cuda',
+  'gpu'), not for the host: what a program compiled here for another backend must use to be the program that
+  backend runs. Today that is model.patch_embed (matmul on CPU, conv elsewhere)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  if out.model.get('patch_embed', 'auto') == 'auto':
+    out.model.patch_embed = 'matmul' if platform == 'cpu' else 'conv'
+  return out
+
+
+def normalize_images(images_uint8: jax.Array) -> jax.Array:
+  """(N, H, W, 3) uint8 -> float32 in [-1, 1]: mean = std = 0.5 per channel, as the reference."""
+  return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def draw_keep_mask(rng: jax.Array, batch: int, length: int, ratio: float) -> jax.Array:
+  """BMM drop pattern: (batch, length) bool, CLS (position 0) always kept.
+
+  Per row, k ~ U{0, ..., floor(ratio * length)} of the positions 1..length-1 are dropped, chosen uniformly.
+  `length` counts the CLS token and, for text, the padding, as the reference does.
+  """
+  max_drop = int(ratio * length)
+  rk, rp = jax.random.split(rng)
+  k = jax.random.randint(rk, (batch, 1), 0, max_drop + 1)
+  scores = jax.random.uniform(rp, (batch, length - 1))
+  rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # a uniform random permutation rank per row
+  keep_rest = rank >= k
+  return jnp.concatenate([jnp.ones((batch, 1), bool), keep_rest], axis=1)
+
+
+def keep_mask(module: nn.Module, keep, batch: int, length: int, train: bool, ratio: float) -> jax.Array:
+  """The BMM keep mask a model applies: the given one at training time (position 0 always kept), one drawn from
+  `module`'s 'bmm' rng if none, all-ones at eval or with ratio 0. -> (batch, length) bool."""
+  if not train:
+    return jnp.ones((batch, length), bool)
+  if keep is None:
+    if ratio == 0.0:
+      return jnp.ones((batch, length), bool)
+    keep = draw_keep_mask(module.make_rng('bmm'), batch, length, ratio)
+  if keep.shape != (batch, length):
+    raise ValueError(f'keep mask has shape {keep.shape}, expected {(batch, length)}')
+  return jnp.asarray(keep, bool).at[:, 0].set(True)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2; kernels truncated-normal(init_std)."""
+  hidden: int
+  dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    init = nn.initializers.truncated_normal(stddev=self.init_std)
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=init, name='fc2')(x)
+
+
+def image_patches(images: jax.Array, patch_size: int, stride: int) -> jax.Array:
+  """(B, H, W, C) -> (B, rows, cols, K * K * C): every K x K patch every `stride` pixels (no padding), flattened
+  (kh, kw, c) as an HWIO kernel reshaped to (K * K * C, D) - the patch convolution as one matrix product."""
+  b, hh, ww, ch = images.shape
+  k, s = patch_size, stride
+  rows, cols = shapes.patch_grid((hh, ww), k, s)
+  if s == k:  # non-overlapping: a reshape
+    x = images[:, :rows * k, :cols * k].reshape(b, rows, k, cols, k, ch)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows, cols, k * k * ch)
+  x = jnp.stack([images[:, r * s:r * s + k] for r in range(rows)], axis=1)  # (B, rows, K, W, C)
+  x = jnp.stack([x[:, :, :, c * s:c * s + k] for c in range(cols)], axis=2)  # (B, rows, cols, K, K, C)
+  return x.reshape(b, rows, cols, k * k * ch)
+
+
+class PatchEmbed(nn.Module):
+  """The patch convolution (parameters `kernel` (K, K, C, D) and `bias` (D,), as nn.Conv names them).
+
+  implementation: 'conv' (lax.conv_general_dilated), 'matmul' (`image_patches` then one matrix product: the same
+  function; on a CPU, where XLA's convolution with a 16x16 kernel is slow, the demo's patch forward takes 36 ms of
+  op time instead of 38 and the step's patch work about 40 ms instead of 54), or 'auto' (matmul on CPU, conv on
+  GPU and TPU).
+  """
+  features: int
+  patch_size: int
+  stride: int
+  dtype: Any = jnp.float32
+  implementation: str = 'auto'
+
+  @nn.compact
+  def __call__(self, images):
+    """(B, H, W, C) -> (B, rows, cols, D)."""
+    k, ch = self.patch_size, images.shape[-1]
+    fan_out = k * k * self.features
+    kernel = self.param('kernel', nn.initializers.normal(np.sqrt(2.0 / fan_out)), (k, k, ch, self.features),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    images, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+    impl = self.implementation
+    if impl == 'auto':
+      impl = 'matmul' if jax.default_backend() == 'cpu' else 'conv'
+    if impl == 'conv':
+      y = jax.lax.conv_general_dilated(images, kernel, (self.stride, self.stride), 'VALID',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    else:
+      y = image_patches(images, k, self.stride) @ kernel.reshape(k * k * ch, self.features)
+    return y + bias
+
+
+class QKV(nn.Module):
+  """The q|k|v projection (parameters `kernel` (D, 3D) and `bias` (3D,), as nn.Dense(3D) names them).
+
+  With `cls_only`, the query is projected for the first token alone (the keys and values for every token):
+  what a block needs when only its CLS output is used.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x, cls_only: bool = False):
+    """x: (B, N, D) -> q (B, N or 1, D), k (B, N, D), v (B, N, D)."""
+    init = nn.initializers.truncated_normal(stddev=self.init_std)
+    kernel = self.param('kernel', init, (x.shape[-1], 3 * self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (3 * self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    d = self.features
+    if not cls_only:
+      q, k, v = jnp.split(x @ kernel + bias, 3, axis=-1)
+      return q, k, v
+    q = x[:, :1] @ kernel[:, :d] + bias[:d]
+    k, v = jnp.split(x @ kernel[:, d:] + bias[d:], 2, axis=-1)
+    return q, k, v
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one qkv projection laid out q|k|v and an additive key bias."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  implementation: str = 'xla'
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x, key_bias, cls_only: bool = False):
+    """x: (B, N, D); key_bias: (B, N) float32, 0 for attended keys and -10000 for masked ones.
+
+    -> (B, N, D), or (B, 1, D) with `cls_only`: the CLS query alone (every token still a key and value).
+    """
+    b, _, d = x.shape
+    h = self.num_heads
+    init = nn.initializers.truncated_normal(stddev=self.init_std)
+    q, k, v = QKV(d, self.dtype, self.init_std, name='qkv')(x, cls_only)
+    heads = lambda t: t.reshape(t.shape[0], t.shape[1], h, d // h)  # (B, T, H, Dh)
+    q, k, v = heads(q), heads(k), heads(v)
+    bias = key_bias[:, None, None, :]  # (B, 1, 1, N)
+    if self.is_mutable_collection('intermediates'):
+      # Explicit path that exposes the attention probabilities (attention maps).
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * (d // h) ** -0.5
+      probs = jax.nn.softmax(logits + bias, axis=-1)
+      self.sow('intermediates', 'attention', probs)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+    else:
+      impl = None if self.implementation == 'auto' else self.implementation
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=impl)
+    out = out.reshape(b, q.shape[1], d)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=init, name='proj')(out)
+
+
+class Block(nn.Module):
+  """Pre-norm block: shared norm1/attn/norm2, the MLP chosen by modality; stochastic depth on both branches."""
+  num_heads: int
+  mlp_dim: int
+  drop_path: float
+  ln_eps: float
+  dtype: Any = jnp.float32
+  implementation: str = 'xla'
+  init_std: float = 0.02
+
+  def _drop_path(self, y, deterministic):
+    if deterministic or self.drop_path == 0.0:
+      return y
+    keep = 1.0 - self.drop_path
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep, 0).astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x, key_bias, modality: str, deterministic: bool, cls_only: bool = False):
+    """x: (B, N, D) -> (B, N, D); with `cls_only` -> (B, 1, D), the CLS output alone (the same numbers)."""
+    norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    attn = Attention(self.num_heads, self.dtype, self.implementation, self.init_std, name='attn')
+    y = attn(norm('norm1')(x), key_bias, cls_only)
+    x = (x[:, :1] if cls_only else x) + self._drop_path(y, deterministic)
+    y = norm('norm2')(x)
+    # Both MLPs exist in every block; only the modality's one runs.
+    mlp_vis = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_vis')
+    mlp_txt = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_txt')
+    if self.is_initializing():
+      _ = mlp_txt(y) if modality == 'image' else mlp_vis(y)
+    y = mlp_vis(y) if modality == 'image' else mlp_txt(y)
+    return x + self._drop_path(y, deterministic)
+
+
+class TextEmbeddings(nn.Module):
+  """BERT embeddings: word + position + token type 0, LayerNorm(eps 1e-12), dropout."""
+  vocab_size: int
+  max_positions: int
+  type_vocab_size: int
+  width: int
+  ln_eps: float
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids, deterministic: bool):
+    """ids: (B, L) int32 -> (B, L, D)."""
+    init = nn.initializers.normal(0.02)
+    word = nn.Embed(self.vocab_size, self.width, embedding_init=init, name='word_embeddings')(ids)
+    pos = nn.Embed(self.max_positions, self.width, embedding_init=init, name='position_embeddings')(
+        jnp.arange(ids.shape[1])[None])
+    typ = nn.Embed(self.type_vocab_size, self.width, embedding_init=init, name='token_type_embeddings')(
+        jnp.zeros_like(ids))
+    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm')(word + typ + pos)
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """The shared image/text transformer. Entry points: `embed_images`, `embed_texts` (and the token versions).
+
+  Rngs at training time: 'dropout' (stochastic depth, text embedding dropout) and, only when no keep mask is
+  given, 'bmm' (the token-drop pattern).
+  """
+  cfg: EncoderConfig
+
+  def setup(self):
+    c = self.cfg
+    dtype = jnp.dtype(c.dtype)
+    n_img = c.num_image_tokens
+    self.patch_embed = PatchEmbed(c.width, c.patch_size, c.stride, dtype, c.patch_embed, name='patch_embed')
+    self.cls_token = self.param('cls_token', _trunc_normal, (1, 1, c.width))
+    if c.pos_embed_init == 'sincos2d':  # learned, starting from the fixed 2-D codes
+      pos_init = lambda rng, shape: jnp.asarray(sincos2d_pos_embed(c.grid, c.width).reshape(shape))
+    else:
+      pos_init = _trunc_normal
+    self.pos_embed = self.param('pos_embed', pos_init, (1, n_img, c.width))
+    self.type_embed = self.param('type_embed', _trunc_normal, (1, n_img, c.width))
+    self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_positions, c.type_vocab_size, c.width,
+                                     c.text_ln_eps, c.text_embed_dropout, dtype)
+    block = nn.remat(Block, static_argnums=(3, 4, 5)) if c.remat else Block
+    rates = np.linspace(0.0, c.drop_path, c.depth)
+    self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention, c.init_std)
+                   for i in range(c.depth)]
+    self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=dtype)
+
+  def _keep(self, keep, batch, length, train):
+    return keep_mask(self, keep, batch, length, train, self.cfg.bmm_ratio)
+
+  def _transformer(self, x, valid, modality, train, cls_only: bool = False):
+    """x: (B, N, D) embedded tokens; valid: (B, N) bool keys -> (B, N, D) after the final LayerNorm.
+
+    cls_only: -> (B, 1, D), the CLS output alone: the last block projects only the CLS query and runs its
+    MLP and the final LayerNorm on the CLS token (the other tokens' last outputs are never used by an
+    embedding; in a 2-block model that is about a third of the block work).
+    """
+    key_bias = jnp.where(valid, 0.0, MASK_VALUE).astype(jnp.float32)
+    last = len(self.blocks) - 1
+    for i, blk in enumerate(self.blocks):
+      x = blk(x, key_bias, modality, not train, cls_only and i == last)
+    return self.norm(x)
+
+  def image_tokens(self, images, keep=None, train: bool = False, cls_only: bool = False):
+    """images: (B, H, W, 3) float, normalized (see `normalize_images`) -> (B, 1 + patches, D), or (B, 1, D)
+    with `cls_only`."""
+    c = self.cfg
+    if images.shape[1:3] != tuple(c.image_size):
+      raise ValueError(f'images are {images.shape[1:3]}, the model expects data.image_size {c.image_size}')
+    b = images.shape[0]
+    x = self.patch_embed(images.astype(jnp.dtype(c.dtype)))
+    x = x.reshape(b, -1, c.width)  # row-major over the (rows, cols) grid
+    x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c.width)).astype(x.dtype), x], axis=1)
+    x = x + self.pos_embed + self.type_embed
+    return self._transformer(x, self._keep(keep, b, x.shape[1], train), 'image', train, cls_only)
+
+  def text_tokens(self, ids, mask, keep=None, train: bool = False, cls_only: bool = False):
+    """ids, mask: (B, L) int -> (B, L, D), or (B, 1, D) with `cls_only`. mask is 1 for real tokens (incl.
+    [CLS]/[SEP]) and 0 for padding."""
+    b, n = ids.shape
+    if n > self.cfg.max_text_positions:
+      raise ValueError(f'text length {n} exceeds model.max_text_positions {self.cfg.max_text_positions}')
+    x = self.embeddings(ids, deterministic=not train)
+    valid = jnp.logical_and(mask.astype(bool), self._keep(keep, b, n, train))
+    return self._transformer(x, valid, 'text', train, cls_only)
+
+  def embed_images(self, images, keep=None, train: bool = False):
+    """(B, H, W, 3) normalized float -> (B, D) CLS embedding (float32)."""
+    return self.image_tokens(images, keep, train, cls_only=True)[:, 0].astype(jnp.float32)
+
+  def embed_texts(self, ids, mask, keep=None, train: bool = False):
+    """(B, L) ids and mask -> (B, D) CLS embedding (float32)."""
+    return self.text_tokens(ids, mask, keep, train, cls_only=True)[:, 0].astype(jnp.float32)
+
+  def __call__(self, images, ids, mask, train: bool = False):
+    """Both modalities (used to initialize every parameter): -> ((B, D), (B, D))."""
+    return self.embed_images(images, train=train), self.embed_texts(ids, mask, train=train)
+
+
+def init_module_params(module: nn.Module, rng: jax.Array):
+  """Fresh float32 parameters of a model whose __call__(images, ids, mask) runs both modalities."""
+  h, w = module.cfg.image_size
+  images = jnp.zeros((1, h, w, 3), jnp.float32)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return module.init({'params': rng}, images, ids, jnp.ones_like(ids))['params']
+
+
+def init_params(cfg: EncoderConfig, rng: jax.Array):
+  """Fresh float32 parameters of the encoder (no data needed)."""
+  return init_module_params(Encoder(cfg), rng)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

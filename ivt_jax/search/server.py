@@ -1,0 +1,276 @@
+"""A search page and JSON API over an image index: type a description, see the people.
+
+  python -m ivt_jax.serve --index=DIR [--checkpoint=...] [--host=127.0.0.1] [--port=8000] [--token=...]
+      [--approximate=hnsw]
+
+The page (/) has a text box and shows the results as a grid (rank, score, file name) with paging; clicking an
+image shows it large beside the query's text-match map (ivt_jax.search.attention_maps) and offers "more like this".
+The API (FastAPI; its schema at /openapi.json and /docs):
+
+  GET /api/search?q=TEXT&k=20&offset=0    images ranked for a description
+  GET /api/similar?id=ROW&k=20&offset=0   images ranked by their likeness to indexed image ROW
+  GET /api/image/ROW                      the file of indexed image ROW
+  GET /api/match/ROW?q=TEXT               PNG: image ROW, its CLS attention and the text-match map of TEXT
+  GET /api/info                           the index, the model, the limits, the counters
+
+Safe by default: it binds 127.0.0.1; binding any other address needs a token (--token or IVT_SERVE_TOKEN) that
+every request must carry (`Authorization: Bearer TOKEN`, or open the page once as /?token=TOKEN, which sets a
+cookie). Files are named by row number only and sent only when they are in the index and resolve inside the
+indexed folders. Query length, k, offset, request size and waiting work are limited, each with a clear 4xx/503.
+The index may be rebuilt or updated while serving (`python -m ivt_jax.search index ...`): the new one is picked
+up within a second (ivt_jax/search/state.py). Search is exact (every embedding scored) unless
+--approximate=hnsw asks for a faiss HNSW graph (ivt_jax/search/ann.py) for galleries of millions.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import io
+import ipaddress
+import mimetypes
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ivt_jax.search import model as search_model
+from ivt_jax.search import state as serve_state
+
+WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web')
+TOKEN_ENV = 'IVT_SERVE_TOKEN'
+COOKIE = 'ivt_token'
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  max_query_chars: int = 1000     # characters of a text query
+  max_k: int = 200                # results per page
+  max_offset: int = 10_000        # how deep paging may go
+  max_request_bytes: int = 16_384  # a request's body (the API takes none) and its URL
+  max_pending: int = 256          # text queries waiting for the embedder
+  max_batch: int = 64             # text queries embedded in one call
+  batch_window_s: float = 0.005   # how long the first waiting query waits for others
+
+
+def is_loopback(host: str) -> bool:
+  if host == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def _padded_embedder(model: search_model.LoadedModel):
+  """Texts -> (n, D); batches padded to a power of two so that only a few shapes are ever compiled."""
+  def embed(texts):
+    n = len(texts)
+    size = 1 << max(0, (n - 1).bit_length())
+    return search_model.embed_texts(model, list(texts) + ['a'] * (size - n))[:n]
+  return embed
+
+
+def warm_up(model: search_model.LoadedModel, max_batch: int) -> int:
+  """Compiles the text embedder for every padded batch size up front (the first queries then wait for no
+  compilation); -> the number of sizes."""
+  embed = _padded_embedder(model)
+  sizes = [1 << i for i in range(max(1, max_batch - 1).bit_length() + 1) if 1 << i <= max(1, max_batch)]
+  for n in sizes:
+    embed(['a'] * n)
+  return len(sizes)
+
+
+def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limits = Limits()):
+  """The FastAPI application over an `IndexHolder` (its model embeds the queries)."""
+  import fastapi  # pylint: disable=g-import-not-at-top
+  from fastapi import responses, staticfiles  # pylint: disable=g-import-not-at-top
+  from starlette.concurrency import run_in_threadpool  # pylint: disable=g-import-not-at-top
+
+  model = holder.model
+  batcher = serve_state.TextBatcher(_padded_embedder(model), max_batch=limits.max_batch,
+                                    window_s=limits.batch_window_s, max_pending=limits.max_pending)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_):
+    yield
+    batcher.close()
+
+  app = fastapi.FastAPI(title='ivt-jax search', description='Text-based person retrieval over an image index.',
+                        version='1', lifespan=lifespan)
+  app.state.holder, app.state.batcher, app.state.limits = holder, batcher, limits
+
+  @app.middleware('http')
+  async def guard(request: fastapi.Request, call_next):
+    length = request.headers.get('content-length')
+    if (length and (not length.isdigit() or int(length) > limits.max_request_bytes)) or \
+        len(str(request.url)) > limits.max_request_bytes:
+      return responses.JSONResponse({'detail': f'request larger than {limits.max_request_bytes} bytes'}, 413)
+    if token:
+      given = request.query_params.get('token') or request.cookies.get(COOKIE) or ''
+      auth = request.headers.get('authorization', '')
+      if auth.lower().startswith('bearer '):
+        given = auth[7:].strip()
+      if not hmac.compare_digest(given.encode(), token.encode()):
+        return responses.JSONResponse({'detail': 'a valid token is required (Authorization: Bearer TOKEN, or '
+                                                 'open the page as /?token=TOKEN)'}, 401)
+    response = await call_next(request)
+    if token and request.query_params.get('token'):
+      response.set_cookie(COOKIE, token, httponly=True, samesite='strict')
+    return response
+
+  def checked_query(q: str) -> str:
+    if len(q) > limits.max_query_chars:
+      raise fastapi.HTTPException(422, f'query longer than {limits.max_query_chars} characters ({len(q)})')
+    if not q.strip():
+      raise fastapi.HTTPException(422, 'empty query: describe the person to find')
+    return q
+
+  def checked_page(k: int, offset: int) -> None:
+    if not 1 <= k <= limits.max_k:
+      raise fastapi.HTTPException(422, f'k must be 1..{limits.max_k}, got {k}')
+    if not 0 <= offset <= limits.max_offset:
+      raise fastapi.HTTPException(422, f'offset must be 0..{limits.max_offset}, got {offset}')
+
+  async def embed_query(q: str) -> np.ndarray:
+    try:
+      future = batcher.submit(q)
+    except serve_state.Busy as e:
+      raise fastapi.HTTPException(503, f'busy: {e}; try again shortly') from None
+    return await asyncio.wrap_future(future)
+
+  def page(snap, pairs, k, offset, **extra):
+    index = snap.index
+    roots = index.manifest.get('roots', [])
+    def name(path):
+      root = next((r for r in roots if path.startswith(r.rstrip(os.sep) + os.sep)), '')
+      return os.path.relpath(path, root) if root else os.path.basename(path)
+    results = [{'rank': offset + i + 1, 'id': row, 'score': round(score, 6),
+                'name': name(index.manifest['entries'][row]['path'])} for i, (row, score) in enumerate(pairs)]
+    return {**extra, 'total': len(index.embeddings), 'offset': offset, 'k': k, 'results': results}
+
+  @app.get('/', include_in_schema=False)
+  async def home():
+    return responses.FileResponse(os.path.join(WEB_DIR, 'index.html'), headers={'Cache-Control': 'no-store'})
+
+  app.mount('/static', staticfiles.StaticFiles(directory=WEB_DIR), name='static')
+
+  @app.get('/api/search', summary='Images ranked for a description')
+  async def search(q: str = fastapi.Query(..., description='what the person looks like'),
+                   k: int = 20, offset: int = 0):
+    q = checked_query(q)
+    checked_page(k, offset)
+    query = await embed_query(q)
+    snap = holder.current()
+    pairs = await run_in_threadpool(holder.rank, snap, query, offset, k)
+    return page(snap, pairs, k, offset, query=q)
+
+  @app.get('/api/similar', summary='Images ranked by their likeness to an indexed image')
+  async def similar(id: int, k: int = 20, offset: int = 0):  # pylint: disable=redefined-builtin
+    checked_page(k, offset)
+    snap = holder.current()
+    if not 0 <= id < len(snap.index.embeddings):
+      raise fastapi.HTTPException(404, f'no image {id}: the index holds {len(snap.index.embeddings)}')
+    pairs = await run_in_threadpool(holder.rank, snap, snap.index.embeddings[id], offset, k, id)
+    return page(snap, pairs, k, offset, id=id)
+
+  def file_of(row: int) -> str:
+    try:
+      return holder.servable_path(holder.current(), row)
+    except IndexError as e:
+      raise fastapi.HTTPException(404, str(e)) from None
+    except PermissionError as e:
+      raise fastapi.HTTPException(403, str(e)) from None
+
+  @app.get('/api/image/{row}', summary='The file of an indexed image')
+  async def image(row: int):
+    path = file_of(row)
+    if not os.path.isfile(path):
+      raise fastapi.HTTPException(404, f'image {row} is no longer on disk')
+    media = mimetypes.guess_type(path)[0] or 'application/octet-stream'
+    return responses.FileResponse(path, media_type=media)
+
+  @app.get('/api/match/{row}', summary='PNG: the image, its attention and the text-match map of a query')
+  async def match(row: int, q: str):
+    q = checked_query(q)
+    path = file_of(row)
+    def draw():
+      from ivt_jax.search import attention_maps  # pylint: disable=g-import-not-at-top
+      fig, _ = attention_maps.figure(model, path, [q], height=256)
+      buf = io.BytesIO()
+      fig.save(buf, format='PNG')
+      return buf.getvalue()
+    try:
+      png = await run_in_threadpool(draw)
+    except (OSError, ValueError) as e:
+      raise fastapi.HTTPException(404, f'image {row} cannot be read now: {e}') from None
+    return responses.Response(png, media_type='image/png')
+
+  @app.get('/api/info', summary='The index, the model, the limits and the counters')
+  async def info():
+    snap = holder.current()
+    return {'images': len(snap.index.embeddings), 'index': holder.directory,
+            'updated': snap.index.manifest.get('stats', {}).get('updated'), 'reloads': holder.reloads,
+            'model': {'checkpoint': model.checkpoint, 'step': model.meta.get('step')},
+            'approximate': snap.ann is not None,
+            'limits': dataclasses.asdict(limits),
+            'embedder': {'calls': batcher.calls, 'queries': batcher.queries}}
+
+  return app
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m ivt_jax.serve', description=__doc__.split('\n')[0])
+  p.add_argument('--index', required=True, help='an index directory (python -m ivt_jax.search index)')
+  p.add_argument('--checkpoint', default='', help='the model (default: the one the index was built with)')
+  p.add_argument('--config', default='', help='config file overriding the checkpoint\'s saved config')
+  p.add_argument('--host', default='127.0.0.1', help='address to bind (another than loopback needs a token)')
+  p.add_argument('--port', type=int, default=8000)
+  p.add_argument('--token', default='', help=f'required of every request (default: ${TOKEN_ENV})')
+  p.add_argument('--approximate', choices=('', 'hnsw'), default='',
+                 help='search an approximate index (faiss HNSW; ivt_jax/search/ann.py) instead of every embedding')
+  args = p.parse_args(argv)
+  args.token = args.token or os.environ.get(TOKEN_ENV, '')
+  if not is_loopback(args.host) and not args.token:
+    p.error(f'--host={args.host} lets other machines in: give a token (--token or ${TOKEN_ENV}) that every request '
+            'must carry, or keep the default 127.0.0.1')
+  if not 0 <= args.port <= 65535:
+    p.error(f'--port must be 0..65535, got {args.port}')
+  return args
+
+
+def load(args: argparse.Namespace, log=print) -> serve_state.IndexHolder:
+  from input_pipeline import paths  # pylint: disable=g-import-not-at-top
+  from ivt_jax.search import index as search_index  # pylint: disable=g-import-not-at-top
+  directory = paths.resolve(args.index, '--index')
+  model = search_index.model_for_index(search_index.load_index(directory), args.checkpoint, args.config)
+  approximate = None
+  if args.approximate == 'hnsw':
+    from ivt_jax.search import ann as serve_ann  # pylint: disable=g-import-not-at-top
+    approximate = serve_ann.build
+  return serve_state.IndexHolder(directory, model, approximate=approximate, log=log)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  log = lambda line: print(line, file=sys.stderr, flush=True)
+  holder = load(args, log)
+  limits = Limits()
+  log(f'compiled the text embedder for {warm_up(holder.model, limits.max_batch)} batch sizes')
+  app = create_app(holder, token=args.token, limits=limits)
+  where = f'http://{args.host}:{args.port}/'
+  log(f'serving {len(holder.current().index.embeddings)} images of {holder.directory} at {where}'
+      + (f' (every request needs the token: open {where}?token=... once)' if args.token else '')
+      + '; API schema at /docs')
+  uvicorn.run(app, host=args.host, port=args.port, log_level='warning')
+  return 0
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+  from ivt_jax.runtime import cli as cli_lib  # pylint: disable=g-import-not-at-top
+  return cli_lib.run_cli(main, argv)
+
