@@ -151,6 +151,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # -1 = all remaining devices
   c.mesh.fsdp = 1
+  c.mesh.gather_params = False        # True: every weight gathered over fsdp before the forward (ZeRO-3 style);
+                                      # False: XLA chooses what moves (often activations: docs/scaling.md)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.eval_every_epochs = 5

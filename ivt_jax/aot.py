@@ -28,6 +28,7 @@ flags.DEFINE_string('target', None, 'v4-8, v5e-256, v5p-128, v6e-256, v5e:4x4, h
 flags.DEFINE_integer('batch', 0, 'Global batch (samples); 0: the config\'s, raised to a multiple of the chips.')
 flags.DEFINE_enum('what', 'train', ['train', 'embed'], 'The training step, or the evaluation embedders.')
 flags.DEFINE_bool('fit', False, 'Find the largest batch that fits, by compiling (with and without remat).')
+flags.DEFINE_enum('fit_remat', 'both', ['both', 'config'], '--fit with remat off and on, or as the config says.')
 flags.DEFINE_integer('max_batch', 1 << 14, '--fit searches batches up to this.')
 flags.DEFINE_string('output', '', 'Write the plan(s) as JSON here.')
 flags.DEFINE_float('price', -1.0, 'US$ per chip-hour for the cost estimate (-1: the list price in the table).')
@@ -73,7 +74,7 @@ def main(argv) -> int:
   price = FLAGS.price if FLAGS.price >= 0 else None
   out, status = [], 0
   if FLAGS.fit:
-    for remat in (False, True):
+    for remat in ((False, True) if FLAGS.fit_remat == 'both' else (bool(FLAGS.config.model.remat),)):
       c = FLAGS.config.copy_and_resolve_references()
       c.unlock()
       c.model.remat = remat

@@ -10,7 +10,9 @@ r"""ivt-jax on GPUs: one node (one process, all its GPUs) or several nodes over 
 Without --nodes everything runs on this machine, in this checkout. With --nodes (ssh-reachable hosts, the
 first one is the coordinator) each node runs one process with all its GPUs, started over ssh with
 --coordinator_address=<first node>:PORT --num_processes=<nodes> --process_id=<i>; one node needs no
-coordinator. Every subcommand takes --dry-run: print the exact commands, one per line, valid shell, and run
+coordinator. `run` first compiles the recipe for the GPUs here (python -m ivt_jax.aot --target=h100x16 for 2
+nodes of 8; no GPU needed) and refuses one that does not fit their memory, naming the largest batch that does.
+Every subcommand takes --dry-run: print the exact commands, one per line, valid shell, and run
 nothing (`run` also prints the equivalent SLURM srun line, as a comment).
 """
 import argparse
@@ -19,6 +21,9 @@ import re
 import shlex
 import subprocess
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import fit_check  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_JAX_VERSION = '0.10.2'   # used when requirements.txt does not exist
@@ -324,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--mem-fraction', type=float, default=0.9, help='XLA_PYTHON_CLIENT_MEM_FRACTION (0: unset).')
   s.add_argument('--env', action='append', default=[], help='NAME=VALUE for the training process.')
   s.add_argument('--python-bin', default='.venv/bin/python', help='Relative to the checkout.')
+  s.add_argument('--gpu', choices=('h100', 'h200'), default='h100', help='The GPUs, for the compile check.')
+  s.add_argument('--skip-compile-check', action='store_true',
+                 help='Start without compiling the recipe for the GPUs here first.')
   s.add_argument('--slurm', action='store_true', help='Print an sbatch script instead (runs nothing).')
   s.add_argument('--num-nodes', type=int, default=None, help='--slurm: nodes (default: len(--nodes) or 1).')
   s.add_argument('--partition', default='', help='--slurm: partition.')
@@ -357,7 +365,14 @@ def main(argv=None) -> int:
         print(sbatch_script(args, extra), end='')
         return 0
       cmds = run_commands(args, extra)
-      srun = srun_line(args, extra, len(parse_nodes(args.nodes)) or 1)
+      nodes = len(parse_nodes(args.nodes)) or 1
+      srun = srun_line(args, extra, nodes)
+      if not args.skip_compile_check:
+        target = f'{args.gpu}x{nodes * (args.gpus_per_node or 8)}'  # all GPUs of a node: 8 assumed
+        if args.dry_run:
+          print(fit_check.comment(args.config, target, extra))
+        else:
+          fit_check.check(args.config, target, extra, LaunchError)
     else:
       cmds = {'install': install_commands, 'logs': logs_commands, 'stop': stop_commands}[args.command](args)
   except LaunchError as e:

@@ -1,6 +1,7 @@
 r"""The life cycle of a Cloud TPU VM or pod slice for ivt-jax, with gcloud.
 
-  python launch/tpu_vm.py create    --name ivt --zone us-central2-b --accelerator-type v4-32 [--spot]
+  python launch/tpu_vm.py create    --name ivt --zone us-central2-b --accelerator-type v4-32 [--spot] \
+      [--config configs/cuhk.py] [--config.key=value ...] [--skip-compile-check]
   python launch/tpu_vm.py install   --name ivt --zone us-central2-b [--repo-url URL] [--ref BRANCH]
   python launch/tpu_vm.py copy-data --name ivt --zone us-central2-b --src gs://BUCKET/tfds [--dest ~/data]
   python launch/tpu_vm.py mount     --name ivt --zone us-central2-b --bucket gs://BUCKET [--mount-point ~/gcs]
@@ -10,7 +11,8 @@ r"""The life cycle of a Cloud TPU VM or pod slice for ivt-jax, with gcloud.
   python launch/tpu_vm.py stop      --name ivt --zone us-central2-b
   python launch/tpu_vm.py delete    --name ivt --zone us-central2-b [--yes]
 
-Every subcommand takes --project P and --dry-run (print the exact commands, one per line, valid shell, and
+`create` first compiles the recipe for the slice here (python -m ivt_jax.aot, no TPU needed) and refuses one
+that does not fit the chips' memory, naming the largest batch that does. Every subcommand takes --project P and --dry-run (print the exact commands, one per line, valid shell, and
 run nothing). Commands on the TPU VMs go through `gcloud compute tpus tpu-vm ssh --worker=all` (all workers
 at once); the training program runs once per worker (one JAX process per TPU VM host) with --distributed,
 and jax.distributed.initialize() reads the slice layout from the TPU VM metadata.
@@ -22,6 +24,9 @@ import re
 import shlex
 import subprocess
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import fit_check  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_JAX_VERSION = '0.10.2'   # used when requirements.txt does not exist
@@ -171,8 +176,10 @@ def ssh_all(args, remote: str) -> list[str]:
   return _gcloud(args, 'ssh', args.name, f'--zone={args.zone}', '--worker=all', '--command', remote)
 
 
-def create_commands(args) -> list[list[str]]:
+def create_commands(args, extra=()) -> list[list[str]]:
   tpu = parse_accelerator(args.accelerator_type)
+  check_config_file(args.config)
+  args.overrides = check_overrides(list(extra))
   cmd = _gcloud(args, 'create', args.name, f'--zone={args.zone}', f'--accelerator-type={tpu.accelerator_type}',
                 f'--version={args.version or tpu.runtime}')
   if args.spot:
@@ -344,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                  + ', '.join(f'v{k}: {v}' for k, v in RUNTIMES.items()) + ').')
   s.add_argument('--spot', action='store_true', help='Spot capacity (cheaper, can be preempted).')
   s.add_argument('--scopes', default='', help='Access scopes of the VMs, e.g. cloud-platform (gs:// access).')
+  s.add_argument('--config', default='configs/cuhk.py', help='The recipe the compile check compiles.')
+  s.add_argument('--skip-compile-check', action='store_true',
+                 help='Create without compiling the recipe for the slice first.')
 
   s = sub.add_parser('install', parents=[common], help='Clone the repository and install it on every worker.')
   s.add_argument('--repo-url', default='', help="git URL (default: this checkout's origin).")
@@ -381,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 def commands_for(args, extra: list[str]) -> list[list[str]]:
   check_name(args.name)
   check_zone(args.zone)
-  if args.command != 'run' and extra:
+  if args.command not in ('run', 'create') and extra:
     raise LaunchError(f'unrecognized arguments for {args.command}: {" ".join(extra)}')
   if hasattr(args, 'run_name'):
     check_run_name(args.run_name)
@@ -389,6 +399,8 @@ def commands_for(args, extra: list[str]) -> list[list[str]]:
            'mount': mount_commands, 'logs': logs_commands, 'stop': stop_commands, 'delete': delete_commands}
   if args.command == 'run':
     return run_commands(args, extra)
+  if args.command == 'create':
+    return create_commands(args, extra)
   return build[args.command](args)
 
 
@@ -397,6 +409,14 @@ def main(argv=None) -> int:
   args, extra = parser.parse_known_args(argv)
   try:
     cmds = commands_for(args, extra)
+    if args.command == 'create' and parse_accelerator(args.accelerator_type).generation in ('2', '3'):
+      print(f'{PROG}: note: no compile check for {args.accelerator_type} (the planner compiles for v4 and newer)',
+            file=sys.stderr)
+    elif args.command == 'create' and not args.skip_compile_check:
+      if args.dry_run:
+        print(fit_check.comment(args.config, args.accelerator_type, args.overrides))
+      else:
+        fit_check.check(args.config, args.accelerator_type, args.overrides, LaunchError)
   except LaunchError as e:
     print(f'{PROG}: error: {e}', file=sys.stderr)
     return 2

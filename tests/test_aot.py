@@ -83,22 +83,35 @@ def test_a_batch_too_big_for_the_chip_is_refused():
 
 @needs_tpu
 def test_fit_finds_the_largest_batch_by_compiling(monkeypatch):
-  """The search itself, on a stand-in compiler whose chip holds 40 samples: doubling, then bisecting."""
+  """The search itself, on a stand-in compiler: memory 1 GiB + 0.3 GiB per unit, with a compiler that refuses
+  from 0.5 GiB below the HBM (as libtpu keeps some): the linear prediction, then the compiler's word."""
   from ivt_jax.planner import plan
 
   class P:
-    fits = True
+    def __init__(self, n):
+      self.memory = {'total': int((1 + 0.3 * n) * 2 ** 30)}
+      self.fits = True
+
+  target = targets.parse_target('v4-8')  # 32 GiB
+  calls = []
 
   def fake(config, target, batch, what, devices, verbose):
-    if batch > 40:
+    calls.append(batch)
+    p = P(batch // 4)  # units of 4 (4 chips, 4 images per id)
+    if p.memory['total'] > target.chip.hbm_bytes - 2 ** 29:
       raise plan.DoesNotFitError('too big')
-    return P()
+    return p
 
   monkeypatch.setattr(plan, 'compile_for', fake)
-  target = targets.parse_target('v4-8')
-  batch, p, tried = plan.fit(tiny_config(), target, devices=devices_lib.target_devices(target))
-  assert batch == 40 and p is not None  # units of 4 (4 chips, 4 images per id)
-  assert [b for b, _ in tried][:5] == [4, 8, 16, 32, 64]
+  devices = devices_lib.target_devices(target)
+  batch, p, tried = plan.fit(tiny_config(), target, devices=devices)
+  # 1 + 0.3 n <= 31.5  ->  n = 101 units; the prediction (32 GiB) says 103
+  assert batch == 404 and p.memory['total'] == P(101).memory['total']
+  assert len(calls) <= 7 and calls[:2] == [4, 8], calls
+  assert all(ok == (b <= 404) for b, ok in tried)
+  assert plan.fit(tiny_config(), target, devices=devices, max_batch=40)[0] == 40  # the cap
+  monkeypatch.setattr(plan, 'compile_for', lambda *a: (_ for _ in ()).throw(plan.DoesNotFitError('no')))
+  assert plan.fit(tiny_config(), target, devices=devices)[:2] == (0, None)
 
 
 def _aot(*args, env_extra=None):
@@ -136,3 +149,16 @@ def test_a_missing_compiler_is_named_with_the_install_command(tmp_path):
   if devices_lib.have_compiler('tpu') and 'libtpu' not in r.stderr:
     pytest.skip('libtpu is importable from the environment itself')
   assert r.returncode == 2 and 'needs libtpu' in r.stderr and 'requirements-compilers.txt' in r.stderr
+
+
+def test_backend_choices_follow_the_target_not_the_host():
+  from ivt_jax.models import encoder
+  c = tiny_config()
+  assert c.model.patch_embed == 'auto'
+  assert encoder.for_platform(c, 'cpu').model.patch_embed == 'matmul'
+  assert encoder.for_platform(c, 'tpu').model.patch_embed == 'conv'
+  assert encoder.for_platform(c, 'cuda').model.patch_embed == 'conv'
+  c.model.patch_embed = 'matmul'  # a choice the user made is kept
+  assert encoder.for_platform(c, 'tpu').model.patch_embed == 'matmul'
+  assert devices_lib.compiler_options(targets.parse_target('h100x8')) == {'xla_gpu_enable_triton_gemm': False}
+  assert devices_lib.compiler_options(targets.parse_target('v4-8')) == {}

@@ -231,8 +231,12 @@ def test_gpu_two_nodes(tmp_path):
     assert 'CUDA_VISIBLE_DEVICES=0,1,2,3' in words and '--workdir=/shared/r1' in words
     for t in TRICKY:
       assert t in words
-  srun = [l for l in lines if l.startswith('#')]
+  srun = [l for l in lines if l.startswith('# SLURM')]
   assert len(srun) == 1 and 'srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=4' in srun[0]
+  check = [l for l in lines if l.startswith('# compile check')]  # 2 nodes of 4 GPUs, the overrides as given
+  assert len(check) == 1 and shlex.split(check[0].split(': ', 1)[1])[:5] == [
+      'python', '-m', 'ivt_jax.aot', '--config=configs/cuhk.py', '--target=h100x8']
+  assert all(t in shlex.split(check[0].split(': ', 1)[1]) for t in TRICKY)
 
   # Node 1's shell: the program gets exactly these arguments, the log and pid files are per node.
   home, env = _fake_home(tmp_path)
@@ -258,7 +262,8 @@ def test_gpu_single_node_has_no_coordinator(tmp_path):
   home, env = _fake_home(tmp_path, repo='repo')
   env['FAKE_SLEEP'] = '30'
   repo = str(home / 'repo')
-  out = _run(GPU, 'run', '--repo-dir', repo, '--workdir', '~/w', '--mem-fraction', '0', env=env)
+  out = _run(GPU, 'run', '--repo-dir', repo, '--workdir', '~/w', '--mem-fraction', '0', '--skip-compile-check',
+             env=env)
   assert out.returncode == 0, out.stderr
   assert out.stderr.startswith('+ bash -c ') and out.stdout.startswith('node 0: started, log')
   args = _wait_for(home / 'ivt-logs' / 'train-node0.log', 'MEM=').splitlines()
@@ -333,3 +338,36 @@ def test_gpu_refuses_bad_input():
     assert out.returncode == 2, args
     assert out.stdout == '', args
     assert words in out.stderr, (args, out.stderr)
+
+
+def test_the_compile_check_refuses_what_does_not_fit_naming_the_largest_batch(monkeypatch):
+  """launch/fit_check.py on a stand-in planner: fits -> go; does not fit -> the --fit search's largest batch is
+  named; the planner failing (e.g. no compiler) -> its own message."""
+  spec = importlib.util.spec_from_file_location('fit_check', ROOT / 'launch' / 'fit_check.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  calls = []
+
+  def fake(result):
+    def run(cmd, **kw):
+      calls.append(cmd)
+      if '--fit' in cmd:
+        out = next(a.split('=', 1)[1] for a in cmd if a.startswith('--output='))
+        pathlib.Path(out).write_text('[{"remat": false, "largest_batch": 56}]')
+        return subprocess.CompletedProcess(cmd, 0, '=> the largest batch ...: 56', '')
+      return subprocess.CompletedProcess(cmd, *result)
+    return run
+
+  class Refused(Exception):
+    pass
+
+  monkeypatch.setattr(mod.subprocess, 'run', fake((0, 'fits: 40.0% of the HBM', '')))
+  mod.check('configs/cuhk.py', 'v4-8', ['--config.seed=1'], Refused)
+  assert calls[-1][2:] == ['ivt_jax.aot', '--config=configs/cuhk.py', '--target=v4-8', '--config.seed=1']
+  monkeypatch.setattr(mod.subprocess, 'run', fake((1, 'train at batch 112 does not fit v4-8: ...', '')))
+  with pytest.raises(Refused, match='largest batch that fits is 56 samples'):
+    mod.check('configs/cuhk.py', 'v4-8', [], Refused)
+  assert '--fit' in calls[-1] and '--fit_remat=config' in calls[-1]
+  monkeypatch.setattr(mod.subprocess, 'run', fake((2, '', 'error: --target=v4-8 needs libtpu')))
+  with pytest.raises(Refused, match='could not run.*needs libtpu'):
+    mod.check('configs/cuhk.py', 'v4-8', [], Refused)

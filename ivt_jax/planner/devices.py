@@ -52,9 +52,12 @@ def import_jax_quietly() -> None:
 
 
 def have_compiler(platform: str) -> bool:
-  if platform == 'tpu':
-    return importlib.util.find_spec('libtpu') is not None
-  return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  try:
+    if platform == 'tpu':
+      return importlib.util.find_spec('libtpu') is not None
+    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  except ModuleNotFoundError:  # no jax_plugins namespace at all
+    return False
 
 
 @contextlib.contextmanager

@@ -50,7 +50,8 @@ class Plan:
     t = self.target
     return {'target': t.name, 'cloud_name': t.cloud_name, 'topology': t.topology, 'platform': t.platform,
             'chips': t.chips, 'chip': dataclasses.asdict(t.chip), 'what': self.what, 'batch': self.batch,
-            'mesh': self.mesh, 'dtype': self.config.model.dtype, 'remat': bool(self.config.model.remat),
+            'mesh': self.mesh, 'gather_params': bool(self.config.mesh.get('gather_params', False)),
+            'dtype': self.config.model.dtype, 'remat': bool(self.config.model.remat),
             'patch_embed': self.config.model.patch_embed, 'compile_s': self.compile_s, 'memory': self.memory,
             'hbm_bytes': t.chip.hbm_bytes, 'fits': self.fits, 'cost': self.cost, 'collectives': self.collectives,
             'roofline': self.roofline, 'num_params': self.num_params, 'notes': list(self.notes)}
@@ -153,14 +154,19 @@ def compile_for(config: ml_collections.ConfigDict, target: targets_lib.Target, b
 def fit(config: ml_collections.ConfigDict, target: targets_lib.Target, what: str = 'train',
         devices: Optional[list] = None, max_batch: int = 1 << 16, progress: Callable[[str], None] = None,
         verbose: bool = False) -> tuple[int, Optional[Plan], list[tuple[int, bool]]]:
-  """The largest batch (a multiple of `batch_unit`) whose program fits the target, by compiling: doubling, then
-  bisecting. -> (batch or 0 when none fits, its Plan, [(batch tried, fits)])."""
+  """The largest batch (a multiple of `batch_unit`, at most `max_batch`) whose program fits the target, by
+  compiling. Memory grows about linearly with the batch, so two compiles (1 and 2 units) predict the boundary;
+  the compiler's word there decides, galloping and bisecting from it when the prediction is off (typically 4
+  compiles in all). -> (batch or 0 when none fits, its Plan, [(batch tried, fits)])."""
   devices = devices or devices_lib.target_devices(target, verbose)
   size = sharding_lib.make_mesh(config, devices).size
   unit = batch_unit(config, size) if what == 'train' else size
-  tried, plans = [], {}
+  top = max_batch // unit
+  tried, plans, known = [], {}, {}
 
   def fits(n: int) -> bool:
+    if n in known:
+      return known[n]
     try:
       p = compile_for(config, target, n * unit, what, devices, verbose)
       ok = p.fits
@@ -168,16 +174,30 @@ def fit(config: ml_collections.ConfigDict, target: targets_lib.Target, what: str
         plans[n] = p
     except DoesNotFitError:
       ok = False
+    known[n] = ok
     tried.append((n * unit, ok))
     if progress:
       progress(f'batch {n * unit}: {"fits" if ok else "does not fit"}')
     return ok
 
-  lo, hi = 0, 1
-  while hi * unit <= max_batch and fits(hi):
-    lo, hi = hi, hi * 2
-  if hi * unit > max_batch:
-    return lo * unit, plans.get(lo), tried
+  if top < 1 or not fits(1):
+    return 0, None, tried
+  if top < 2 or not fits(2):
+    return unit, plans[1], tried
+  m1, m2 = plans[1].memory['total'], plans[2].memory['total']
+  slope = max(m2 - m1, 1)
+  guess = int(min(top, max(2, 1 + (target.chip.hbm_bytes - m1) // slope)))
+  lo, hi = 2, top + 1  # fits(lo); nothing at or above hi does (hi = top + 1: not tried)
+  if fits(guess):
+    lo, step = guess, 1
+    while lo + step < hi and fits(lo + step):  # gallop up
+      lo, step = lo + step, step * 2
+    hi = min(hi, lo + step)
+  else:
+    hi, step = guess, 1
+    while hi - step > lo and not fits(hi - step):  # gallop down
+      hi, step = hi - step, step * 2
+    lo = max(lo, hi - step)
   while hi - lo > 1:
     mid = (lo + hi) // 2
     if fits(mid):

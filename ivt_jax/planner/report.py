@@ -43,6 +43,8 @@ def _gib(x: float) -> str:
 def text(p: plan_lib.Plan, config_name: str, recipe_figures: Optional[dict] = None) -> str:
   t, c, r = p.target, p.config, p.roofline
   mesh = ' x '.join(f'{k} {v}' for k, v in p.mesh.items())
+  if c.mesh.get('gather_params', False) and p.mesh.get('fsdp', 1) > 1:
+    mesh += ' (weights gathered)'
   lines = [f'{config_name}: {p.what} step for {t.cloud_name} ({t.topology}, {t.chips} x {t.chip.kind}), '
            f'mesh {mesh}, batch {p.batch}, {c.model.dtype}, remat {"on" if c.model.remat else "off"}, '
            f'patch_embed {c.model.patch_embed}; {p.num_params / 1e6:.1f} M parameters; '

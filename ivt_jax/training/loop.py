@@ -165,8 +165,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
   class_table = evaluate_lib.class_table(config, prepared)
+  gathered = step_setup.gather_shardings(config, shardings, mesh)
   make_step = lambda text_lengths: step_setup.jit_train_step(encoder, tx, schedule, steps_per_epoch, text_lengths,
-                                                            state_shardings, mesh, class_table)
+                                                            state_shardings, mesh, class_table, gathered)
   # XLA compiles the step in a thread while this one initializes or restores the state.
   train_step = _StepsByLength(make_step, target, config, global_batch, mesh)
   restored = checkpoints.restore_training(manager, target, data_iter)

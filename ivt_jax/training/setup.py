@@ -77,16 +77,26 @@ def local_rows(batch: dict) -> dict:
 
 
 def jit_train_step(encoder, tx, schedule, steps_per_epoch: int, text_lengths: Sequence[int], state_shardings,
-                   mesh: jax.sharding.Mesh, class_table=None):
+                   mesh: jax.sharding.Mesh, class_table=None, gathered_params=None):
   """`step.train_step` jitted as training runs it: the batch split over the mesh, the state donated, the metrics
   replicated. text_lengths: the levels' positions in the batch's text length (static). class_table: the sorted
-  training person ids (the CLIP head's ID classifier; a constant of the program)."""
+  training person ids (the CLIP head's ID classifier; a constant of the program). gathered_params: see
+  `step.train_step` (`gather_shardings` of a config with mesh.gather_params)."""
   return jax.jit(
       functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
                         steps_per_epoch=steps_per_epoch, text_lengths=tuple(text_lengths),
-                        class_table=None if class_table is None else np.asarray(class_table, np.int32)),
+                        class_table=None if class_table is None else np.asarray(class_table, np.int32),
+                        gathered_params=gathered_params),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+
+
+def gather_shardings(config: ml_collections.ConfigDict, param_shardings, mesh: jax.sharding.Mesh):
+  """Replicated shardings for every parameter when mesh.gather_params and the fsdp axis is used, else None."""
+  if not config.mesh.get('gather_params', False) or mesh.shape['fsdp'] == 1:
+    return None
+  rep = sharding_lib.replicated(mesh)
+  return jax.tree_util.tree_map(lambda _: rep, param_shardings)
 
 
 class TrainSetup:
@@ -111,7 +121,8 @@ class TrainSetup:
     self.abstract_batch = abstract_batch(config, batch, mesh)
     classes = config.model.clip.num_classes if config.model.head == 'clip' and config.model.clip.id_weight else 0
     self.step = jit_train_step(self.encoder, self.tx, schedule, steps_per_epoch, shapes.level_text_lengths(config),
-                               self.state_shardings, mesh, np.arange(classes) if classes else None)
+                               self.state_shardings, mesh, np.arange(classes) if classes else None,
+                               gather_shardings(config, self.param_shardings, mesh))
 
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch).compile()

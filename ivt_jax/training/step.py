@@ -123,7 +123,7 @@ def part_loss_fn(params, batch: dict, rng: jax.Array, encoder: part_model.PartMo
 
 
 def clip_loss_fn(params, batch: dict, rng: jax.Array, encoder: clip_model.ClipModel,
-                 text_lengths: Optional[Sequence[int]] = None, class_table=None):
+                 text_lengths: Optional[Sequence[int]] = None, class_table=None, gathered_params=None):
   """The CLIP head's objective over the V B pairs -> (loss, aux): the weighted sum of SDM, ID, ITC and CMPM
   (model.clip.*_weight; a zero weight skips its term). class_table: (C,) the sorted training person ids; the ID
   classifier's class of a person is its rank there."""
@@ -150,22 +150,30 @@ def clip_loss_fn(params, batch: dict, rng: jax.Array, encoder: clip_model.ClipMo
 
 def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
                tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int,
-               text_lengths: Optional[Sequence[int]] = None, class_table=None):
+               text_lengths: Optional[Sequence[int]] = None, class_table=None, gathered_params=None):
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged (the step
   still counts) and sets metrics['finite'] = 0 for the loop to stop on. The part head adds its loss terms to
   the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on), the CLIP head its
   terms (loss_sdm, loss_id, loss_itc, loss_cmpm). text_lengths: see `apply_texts` (static). class_table: the
-  CLIP head's training identities (`clip_loss_fn`)."""
+  CLIP head's training identities (`clip_loss_fn`). gathered_params: shardings (replicated over fsdp) the
+  parameters are constrained to before the forward (mesh.gather_params: weights gathered, ZeRO-3 style, instead
+  of the partitioner's own choice); None leaves the choice to XLA."""
   rng = jax.random.fold_in(state.rng, state.step)
   aux = {}
+
+  def gathered(fn):
+    if gathered_params is None:
+      return fn
+    return lambda params, *args: fn(jax.lax.with_sharding_constraint(params, gathered_params), *args)
+
   if isinstance(encoder, part_model.PartModel):
-    (loss, aux), grads = jax.value_and_grad(part_loss_fn, has_aux=True)(
+    (loss, aux), grads = jax.value_and_grad(gathered(part_loss_fn), has_aux=True)(
         state.params, batch, rng, encoder, state.step, steps_per_epoch, text_lengths)
   elif isinstance(encoder, clip_model.ClipModel):
-    (loss, aux), grads = jax.value_and_grad(clip_loss_fn, has_aux=True)(
+    (loss, aux), grads = jax.value_and_grad(gathered(clip_loss_fn), has_aux=True)(
         state.params, batch, rng, encoder, text_lengths, class_table)
   else:
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng, encoder, text_lengths)
+    loss, grads = jax.value_and_grad(gathered(loss_fn))(state.params, batch, rng, encoder, text_lengths)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
