@@ -55,6 +55,9 @@ class PreparedData:
   split_sizes: dict[str, int]   # {'train': n, 'val': n, 'test': n} (0 for an absent split)
   num_bad_records: int          # records left out under skip_bad_records
   bad_records_file: str         # '' unless built with skip_bad_records
+  num_merged_records: int = 0   # records joined into an earlier one (same image, id, split)
+  num_repeated_captions: int = 0  # captions written twice in one record (kept)
+  num_shared_captions: int = 0  # caption texts on images of different people (kept)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -238,6 +241,20 @@ def _split_sizes(builder) -> dict[str, int]:
   return sizes
 
 
+def oddities_text(meta) -> str:
+  """What preparation found and kept or left out, as one clause ('' when nothing): skipped bad records,
+  records merged into others, captions repeated in a record, captions shared by different people."""
+  parts = []
+  for key, what in (('num_bad_records', 'bad record(s) skipped'),
+                    ('num_merged_records', 'record(s) merged into an earlier one naming the same image and id'),
+                    ('num_repeated_captions', 'caption(s) repeated within a record (kept)'),
+                    ('num_shared_captions', 'caption text(s) found on images of different people (kept)')):
+    n = int(meta.get(key, 0) or 0)
+    if n:
+      parts.append(f'{n} {what}')
+  return '; '.join(parts)
+
+
 def _prepared(config, builder, data_dir: str, tokenizer_path: str) -> PreparedData:
   meta = builder.info.metadata or {}
   sizes = _split_sizes(builder)
@@ -245,6 +262,9 @@ def _prepared(config, builder, data_dir: str, tokenizer_path: str) -> PreparedDa
   return PreparedData(name=config.data.name, data_dir=data_dir, dataset_dir=os.fspath(builder.data_dir),
                       tokenizer=config.data.tokenizer, tokenizer_path=tokenizer_path, split_sizes=sizes,
                       num_bad_records=int(meta.get('num_bad_records', 0)),
+                      num_merged_records=int(meta.get('num_merged_records', 0) or 0),
+                      num_repeated_captions=int(meta.get('num_repeated_captions', 0) or 0),
+                      num_shared_captions=int(meta.get('num_shared_captions', 0) or 0),
                       bad_records_file=bad_file if os.path.isfile(bad_file) else '')
 
 
@@ -276,6 +296,9 @@ def prepare_here(config, workdir: str, workers: int | None = None, data_dir: str
     sizes = ', '.join(f'{n} {s}' for s, n in _split_sizes(builder).items())
     logging.info('Prepared %s (%s records) in %.1fs: %s', config.data.name, sizes, time.time() - t0,
                  builder.data_dir)
+    said = oddities_text(builder.info.metadata or {})
+    if said:
+      logging.warning('%s: %s', config.data.name, said)
   _check_options(config, builder)
   tok = _tokenizer(config, builder, data_dir, train=True)
   return _prepared(config, builder, data_dir, tok)

@@ -162,3 +162,14 @@ def test_backend_choices_follow_the_target_not_the_host():
   assert encoder.for_platform(c, 'tpu').model.patch_embed == 'matmul'
   assert devices_lib.compiler_options(targets.parse_target('h100x8')) == {'xla_gpu_enable_triton_gemm': False}
   assert devices_lib.compiler_options(targets.parse_target('v4-8')) == {}
+
+
+@needs_tpu
+def test_the_evaluation_embedders_compile_too():
+  from ivt_jax.planner import plan
+  c = tiny_config()
+  c.eval_batch_size = 10
+  p = plan.compile_for(c, targets.parse_target('v4-8'), what='embed')
+  assert p.what == 'embed' and p.batch == 12  # eval_batch_size raised to a multiple of the 4 chips
+  assert p.fits and p.memory['total'] > 0 and p.cost['flops'] > 0
+  assert 'all-reduce' not in p.collectives  # no gradients: nothing summed over the data axis

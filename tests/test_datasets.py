@@ -224,6 +224,24 @@ def test_duplicate_image_records_merge(tmp_path):
   assert len(parsed.records) == 12
   assert parsed.records[0].captions == tuple(items[0]['captions']) + ('An extra caption for the first image.',)
   assert [b.index for b in parsed.bad] == [13] and 'different id/split' in parsed.bad[0].reason
+  assert parsed.merged == [12]  # counted, and said at preparation
+
+
+def test_merges_and_odd_captions_are_counted_and_said(tmp_path):
+  def edit(items):
+    items.append(dict(items[0], captions=['An extra caption for the first image.']))
+    items[2]['captions'] = ['A man in a grey coat.', 'a man in a  grey coat. ']  # the same, case and spaces aside
+  root, _ = make_source(tmp_path / 'cuhk', edit=edit)
+  parsed = records.parse_records('cuhk_pedes', root)
+  # make_source writes 4 real captions cycled over 6 people: each is on images of several of them
+  assert parsed.oddities() == {'num_merged_records': 1, 'num_repeated_captions': 1, 'num_shared_captions': 4}
+  said = prepare_lib.oddities_text({**parsed.oddities(), 'num_bad_records': 2})
+  assert said == ('2 bad record(s) skipped; 1 record(s) merged into an earlier one naming the same image and id; '
+                  '1 caption(s) repeated within a record (kept); 4 caption text(s) found on images of different '
+                  'people (kept)')
+  assert prepare_lib.oddities_text({'num_bad_records': 0}) == ''
+  meta = build('cuhk_pedes', root, str(tmp_path / 'data')).info.metadata
+  assert (meta['num_merged_records'], meta['num_repeated_captions'], meta['num_shared_captions']) == (1, 1, 4)
 
 
 # ---- formats --------------------------------------------------------------------------------------

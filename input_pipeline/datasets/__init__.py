@@ -99,6 +99,7 @@ class PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         'manual_dir': os.path.dirname(parsed.json_file),
         'skip_bad_records': self._skip_bad_records,
         'num_bad_records': len(parsed.bad),
+        **parsed.oddities(),
         'val_fraction_ids': fraction,
         'val_seed': records.VAL_SEED if fraction is not None else None,
         'split_sizes': parsed.split_sizes(),

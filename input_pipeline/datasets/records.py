@@ -80,11 +80,21 @@ class BadRecord:
 
 @dataclasses.dataclass
 class ParseResult:
-  """records: the valid records (merged per image); bad: those left out (skip_bad_records only)."""
+  """records: the valid records (merged per image); bad: those left out (skip_bad_records only); merged: json
+  indices of records joined into an earlier one (same image, id and split); repeated_captions: captions written
+  twice in one (merged) record; shared_captions: caption texts found on images of different people. The last
+  two are kept as written, and counted."""
   name: str
   json_file: str
   records: list[Record]
   bad: list[BadRecord]
+  merged: list[int] = dataclasses.field(default_factory=list)
+  repeated_captions: int = 0
+  shared_captions: int = 0
+
+  def oddities(self) -> dict[str, int]:
+    return {'num_merged_records': len(self.merged), 'num_repeated_captions': self.repeated_captions,
+            'num_shared_captions': self.shared_captions}
 
   def split_sizes(self) -> dict[str, int]:
     sizes: dict[str, int] = {}
@@ -322,6 +332,21 @@ def _map(fn, items: Sequence[Any], workers: Workers | None, min_items: int, chun
     return list(ex.map(fn, items, chunksize=chunksize))
 
 
+def _caption_key(caption: str) -> str:
+  return ' '.join(caption.lower().split())
+
+
+def _caption_oddities(records: Sequence['Record']) -> tuple[int, int]:
+  """-> (captions repeated within a record, caption texts on images of more than one person id)."""
+  repeated, people = 0, {}
+  for r in records:
+    keys = [_caption_key(c) for c in r.captions]
+    repeated += len(keys) - len(set(keys))
+    for k in set(keys):
+      people.setdefault(k, set()).add(r.person_id)
+  return repeated, sum(1 for ids in people.values() if len(ids) > 1)
+
+
 def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
                   val_fraction_ids: float | None = None, check_images: bool = True,
                   workers: Workers = 1) -> ParseResult:
@@ -378,6 +403,7 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
     checked = kept
 
   merged: dict[str, Record] = {}
+  joined: list[int] = []
   for index, (path, file, pid, captions, split) in checked:
     prev = merged.get(path)
     if prev is None:
@@ -387,7 +413,9 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
                                 f'(id={prev.person_id}, split={prev.split!r})')
     else:
       merged[path] = dataclasses.replace(prev, captions=prev.captions + captions)
+      joined.append(index)
   records = list(merged.values())
+  repeated, shared = _caption_oddities(records)
 
   if 'val' in fmt.splits:
     if val_fraction_ids:
@@ -403,7 +431,8 @@ def parse_records(name: str, manual_dir: str, *, skip_bad_records: bool = False,
     logging.warning('%s: skipped %d bad record(s) (skip_bad_records=True): %s', json_file, len(bad),
                     '; '.join(f'record {b.index} (id={b.person_id!r}, {fmt.path_key}={b.image_path!r}): '
                               f'{b.reason}' for b in bad[:20]) + (' ...' if len(bad) > 20 else ''))
-  return ParseResult(name=name, json_file=json_file, records=records, bad=bad)
+  return ParseResult(name=name, json_file=json_file, records=records, bad=bad, merged=joined,
+                     repeated_captions=repeated, shared_captions=shared)
 
 
 def mla_json(caption: str) -> tuple[str, str]:

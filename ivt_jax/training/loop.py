@@ -274,7 +274,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     _retrieval_picture(config, emb, sim, source, paths.join(workdir, 'retrieval.png'))
   logging.debug('test: %s', _metrics_line(test))  # the summary below says it to a person
   if jax.process_index() == 0:
-    print(_summary(result, workdir), flush=True)
+    print(_summary(result, workdir, prepare_lib.oddities_text(prepared.to_json())), flush=True)
   return result
 
 
@@ -285,8 +285,8 @@ def _metrics_line(m: dict) -> str:
   return '  '.join(f'{name} {m[k]:.2f}' for k, name in METRIC_NAMES if k in m)
 
 
-def _summary(result: dict, workdir: str) -> str:
-  """The results table and where the outputs are, for the person who ran the program."""
+def _summary(result: dict, workdir: str, data_note: str = '') -> str:
+  """The results table, what preparation left out or merged, and where the outputs are."""
   rows = []
   if result.get('best_val'):
     rows.append({'split': f'val (best, step {result["best_step"]})',
@@ -298,8 +298,9 @@ def _summary(result: dict, workdir: str) -> str:
              f'  picture      {paths.join(workdir, "retrieval.png")}',
              f'  parameters   {params_dir}',
              f'  TensorBoard  tensorboard --logdir {workdir}']
+  data = f'data: {data_note}\n' if data_note else ''
   return (f'\ntext-to-image retrieval, {result["steps"]} steps, {result["seconds"] / 60:.1f} min\n{table}\n'
-          'outputs:\n' + '\n'.join(outputs))
+          f'{data}outputs:\n' + '\n'.join(outputs))
 
 
 def _retrieval_picture(config, emb, sim, source, path):
