@@ -288,6 +288,8 @@ def prepare_here(config, workdir: str, workers: int | None = None, data_dir: str
     t0 = time.time()
     # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout; the line below says it all.
     verbose = os.environ.get('IVT_VERBOSE', '') not in ('', '0')
+    if not verbose:  # TFDS's bars count nothing useful here ("0 examples"); the builder's own bar counts records
+      tfds.disable_progress_bar()
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir, try_download_gcs=False))

@@ -321,10 +321,15 @@ def test_missing_manual_dir_message(tmp_path):
     prepare_lib.prepare_here(config_for(tmp_path / 'icfg', 'icfg_pedes'), str(tmp_path / 'work'))
 
 
-def test_prepare_builds_once_and_opens(tmp_path):
+def test_prepare_builds_once_and_opens(tmp_path, capfd, monkeypatch):
+  monkeypatch.delenv('IVT_VERBOSE', raising=False)
   root, items = make_source(tmp_path / 'cuhk')
   config = config_for(root)
   prepared = prepare_lib.prepare(config, str(tmp_path / 'work'), workers=1)
+  bars = capfd.readouterr().err
+  for split in ('train', 'val', 'test'):  # the bars count the records written, TFDS's "0 examples" is gone
+    assert f'cuhk_pedes: writing {split}: 100%' in bars and '4/4' in bars, bars
+  assert 'Generating train examples' not in bars and '0 examples' not in bars, bars
   assert prepared.data_dir == str(tmp_path / 'work' / 'tfds')
   assert prepared.split_sizes == {'train': 4, 'val': 4, 'test': 4}
   assert prepared.tokenizer_path == os.path.join(prepared.data_dir, 'cuhk_pedes', 'spm_bpe_40.model')

@@ -66,3 +66,15 @@ def test_only_errors_raised_on_purpose_by_the_project_count_as_the_users():
   with pytest.raises(ValueError) as library_error:
     np.zeros((2, 3)).reshape(4)  # a bug: raised inside numpy
   assert not cli.is_user_error(library_error.value)
+
+
+@pytest.mark.parametrize('module,args,says', [
+    ('ivt_jax.search', ['index', '--checkpoint', '/no/ckpt', '--images', '/tmp', '--out', '/tmp/never'],
+     'checkpoint directory /no/ckpt does not exist'),
+    ('ivt_jax.search', ['query', '--index', '/no/index', 'a man in a red coat'], '/no/index'),
+    ('ivt_jax.serve', ['--index', '/no/index'], '/no/index is not an index'),
+    ('input_pipeline.check', ['--dataset=cuhk_pedes', '--manual_dir=/no/dir', '--nope'], 'nope'),
+])
+def test_search_serve_and_the_checker_say_it_in_one_line(module, args, says):
+  r = _run(module, *args)
+  assert r.returncode == 2 and 'Traceback' not in r.stderr and says in r.stderr, r.stderr

@@ -34,6 +34,7 @@ from typing import Any
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 
 from input_pipeline.datasets import records
 
@@ -113,11 +114,13 @@ class PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for split, idx in by_split.items():
       if not idx:
         logging.warning('%s: split %r has no examples.', parsed.json_file, split)
-    return {split: self._generate_examples([(parsed.records[i], mla[i]) for i in idx])
+    return {split: self._generate_examples([(parsed.records[i], mla[i]) for i in idx], split)
             for split, idx in by_split.items() if idx}
 
-  def _generate_examples(self, items: list[tuple[records.Record, tuple[list[str], list[str]]]]):
-    for record, (phrases, attributes) in items:
+  def _generate_examples(self, items: list[tuple[records.Record, tuple[list[str], list[str]]]], split: str = ''):
+    # The bar counts the records written (TFDS's own bars are off unless IVT_VERBOSE: see prepare.prepare_here).
+    bar = tqdm.tqdm(items, desc=f'{self.name}: writing {split}', unit=' records', mininterval=1.0, leave=True)
+    for record, (phrases, attributes) in bar:
       with open(record.file, 'rb') as f:
         image = f.read()
       yield record.image_path, {
