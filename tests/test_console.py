@@ -83,6 +83,9 @@ def test_results_table_and_outputs():
   assert lines[3].split() == ['test', '51.08', '77.33', '86.25', '51.88', '40.37']
   assert '/tmp/run/metrics.json' in text and '/tmp/run/best' in text and 'tensorboard --logdir /tmp/run' in text
   assert len({len(l) for l in lines[1:4]}) == 1  # aligned
+  assert 'data:' not in text
+  noted = train._summary(result, '/tmp/run', '3 bad record(s) skipped')  # pylint: disable=protected-access
+  assert noted.strip().splitlines()[4] == 'data: 3 bad record(s) skipped'
 
 
 def test_project_dirs_are_this_checkout():
