@@ -31,6 +31,9 @@ def compilers_dir() -> str:
 def prepare_environment() -> None:
   """CPU as JAX's own backend, the compilers' folder on the path, libtpu told it runs on no TPU VM."""
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # TensorFlow (imported by the data side) says nothing
+  if os.environ.get('IVT_VERBOSE', '') in ('', '0'):
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')           # no metadata server to ask
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v4-8')      # placeholders libtpu asks for at start-up; the
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # topology compiled for is the target's
