@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from multiprocessing import shared_memory
 import os
-import sys
 import tempfile
 import time
 
@@ -185,9 +184,5 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  try:
-    app.run(main)
-  except SystemExit as e:  # absl exits 1 after printing help; help is not a failure
-    if e.code == 1 and any(a.split('=')[0] in ('--help', '-?', '--helpshort', '--helpfull') for a in sys.argv[1:]):
-      sys.exit(0)
-    raise
+  from input_pipeline import cli  # pylint: disable=g-import-not-at-top
+  cli.run_app(main)

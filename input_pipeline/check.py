@@ -204,12 +204,7 @@ def main(argv=None) -> int:
     return 0 if report['ready'] else 1
 
   from input_pipeline import cli  # pylint: disable=g-import-not-at-top
-  try:
-    app.run(run, argv=argv, flags_parser=cli.parse_flags)
-  except SystemExit as e:
-    if e.code == 1 and any(a in ('--help', '--helpfull', '--helpshort') for a in (argv or sys.argv)[1:]):
-      sys.exit(0)
-    raise
+  cli.run_app(run, argv)
 
 
 if __name__ == '__main__':

@@ -4,7 +4,9 @@ that turns a bad flag, a config file that does not load or a bad config override
 import os
 import re
 import sys
-from typing import Sequence
+from typing import Callable, Optional, Sequence
+
+HELP_FLAGS = ('--help', '-?', '--helpshort', '--helpfull', '--helpxml')
 
 
 def verbose_argv(argv: Sequence[str] = ()) -> bool:
@@ -40,3 +42,14 @@ def parse_flags(argv: Sequence[str]) -> Sequence[str]:
     print(f'error: {" ".join(config) or "--config"}: {type(e).__name__}: {text[:600]}\n'
           '(configs/base.py lists every config key)', file=sys.stderr)
   sys.exit(2)
+
+
+def run_app(main: Callable[[Sequence[str]], Optional[int]], argv: Optional[Sequence[str]] = None) -> None:
+  """absl's app.run(main) with `parse_flags`, and its help flags exiting 0 (absl exits 1 after printing help)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main, argv=argv, flags_parser=parse_flags)
+  except SystemExit as e:
+    if e.code == 1 and any(a.split('=')[0] in HELP_FLAGS for a in (argv or sys.argv)[1:]):
+      sys.exit(0)
+    raise

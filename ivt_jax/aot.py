@@ -113,4 +113,4 @@ def main(argv) -> int:
 
 if __name__ == '__main__':
   from ivt_jax.runtime import cli  # pylint: disable=g-import-not-at-top
-  cli.run_absl(lambda argv: cli.run_cli(main, argv))
+  cli.run_absl(main)

@@ -9,7 +9,6 @@ starts a backend: `python -m ivt_jax.aot` calls it first.
 import contextlib
 import importlib.util
 import os
-import re
 import sys
 import tempfile
 
@@ -47,9 +46,8 @@ def prepare_environment() -> None:
 def import_jax_quietly() -> None:
   """Imports JAX with the compilers' start-up lines hidden (the CUDA plugin writes its own at import), unless
   IVT_VERBOSE=1 or --verbosity=1 (or more) is on the command line."""
-  verbose = os.environ.get('IVT_VERBOSE', '') not in ('', '0') or any(
-      re.fullmatch(r'--verbosity=([1-9][0-9]*)|-v=?([1-9])', a) for a in sys.argv[1:])
-  with quiet_stderr(verbose):
+  from input_pipeline import cli  # pylint: disable=g-import-not-at-top
+  with quiet_stderr(cli.verbose_argv()):
     import jax  # pylint: disable=g-import-not-at-top,unused-import
     jax.devices()
 

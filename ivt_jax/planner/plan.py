@@ -105,11 +105,11 @@ def _host_cost(config, batch: int, what: str, global_args) -> Optional[dict]:
 
 
 def _lowered(config, mesh, batch: int, what: str):
-  """-> (lowered program, the function and abstract arguments for `_global_cost`, parameter count)."""
+  """-> (lowered program, the function and abstract arguments for `_global_cost` (the embedders; None for the
+  training step), parameter count)."""
   if what == 'train':
     s = setup_lib.TrainSetup(config, mesh, batch)
-    return (s.step.lower(s.abstract_state, s.abstract_batch), (s.step.__wrapped__, s.abstract_state, s.abstract_batch),
-            s.num_params)
+    return s.step.lower(s.abstract_state, s.abstract_batch), None, s.num_params  # its cost: `_host_cost`
   encoder = heads.build(config)
   abstract = jax.eval_shape(lambda: model_lib.init_module_params(encoder, jax.random.key(0)))
   shardings = sharding_lib.param_shardings(abstract, mesh)

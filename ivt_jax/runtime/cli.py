@@ -14,7 +14,6 @@ verbose_argv = input_cli.verbose_argv
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 _PROJECT = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), d)
                  + os.sep for d in ('ivt_jax', 'input_pipeline', 'configs'))
-HELP_FLAGS = ('--help', '-?', '--helpshort', '--helpfull', '--helpxml')
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -54,15 +53,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
 
 
 def run_absl(main: Callable[[Sequence[str]], Optional[int]]) -> None:
-  """absl's app.run(main): its help flags exit 0 (absl exits 1 after printing help); a bad flag or config
-  override, and a user's error raised by `main`, print one line and exit 2 (`is_user_error`)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """`input_pipeline.cli.run_app(main)` (flags parsed with bad ones as one line; help exits 0), and a user's
+  error raised by `main` printed as one line, exit 2 (`is_user_error`)."""
   try:
-    app.run(main, flags_parser=input_cli.parse_flags)
-  except SystemExit as e:
-    if e.code == 1 and any(a.split('=')[0] in HELP_FLAGS for a in sys.argv[1:]):
-      sys.exit(0)
-    raise
+    input_cli.run_app(main)
   except USER_ERRORS as e:
     if verbose_argv() or not is_user_error(e):
       raise
