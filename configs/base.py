@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.erase_max_area = 1.0 / 3.0  # erased box: up to this fraction of the image (timm; IRRA: 0.4)
   c.data.augment.erase_fill = 'noise'  # noise (timm) | clip_mean (IRRA: CLIP's channel means)
   c.data.bmm_ratio = 0.2              # BMM: drop U{0..floor(ratio*N)} non-CLS tokens per modality
+  c.data.bmm_drops = 'uniform'        # uniform: that many drops, U{0..floor(ratio*N)} (the reference) | fixed:
+                                      # exactly floor(ratio*N) per row (static: the image tower then runs on
+                                      # N - floor(ratio*N) tokens, see model.bmm_tokens)
   c.data.bmm_pattern = 'sample'       # sample: a pattern per sample, level and modality | batch: the reference's,
                                       # one per batch for all image views and one for all texts
   c.data.word_level_max_attrs = 0     # 0 = random subset of any size >= 1
@@ -83,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)
   c.model.patch_embed = 'auto'        # auto | conv | matmul: the patch convolution's op (auto: matmul on CPU)
   c.model.remat = False
+  c.model.bmm_tokens = 'remove'       # remove: dropped image tokens taken out of the sequence when data.bmm_drops
+                                      # is 'fixed' (exact: the same embeddings and gradients) | mask: always
+                                      # masked as keys (the dropped tokens still computed)
   # CLIP's two towers (model.head = 'clip'; ivt_jax/models/clip.py): ViT-B/16 and the 12-layer text transformer.
   # model.patch_size / model.stride give the image tower's patches (CLIP: 16 / 16); dtype, attention, remat apply.
   c.model.clip = ml_collections.ConfigDict()
@@ -143,6 +149,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.schedule_unit = 'step'      # step: lr at every step on the fractional epoch | epoch: the reference's
                                       # (constant within an epoch, t = 1-based epoch; see ivt_jax/training/optim.py)
   c.optim.grad_clip_norm = 0.0        # 0 = off
+  c.train = ml_collections.ConfigDict()
+  c.train.contrastive_chunk = 0       # samples per chunk of the exact chunked contrastive gradient (gradient
+                                      # cache: activations of one chunk; about 1/3 more compute); 0 = the batch
+                                      # at once. Must divide the global batch (ivt_jax/training/chunked.py)
   c.num_epochs = 120.0
   c.total_steps = 0                   # 0 = num_epochs x steps per epoch; > 0 stops there (the schedule
                                       # still spans num_epochs)

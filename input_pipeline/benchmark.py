@@ -112,8 +112,8 @@ def profile(config, source, tokenizer, samples: int = 200) -> dict[str, float]:
     tokenizer.encode(list(texts), s.text_length)
     c6 = clock()
     for _ in examples_lib.LEVELS:
-      pipeline.bmm_keep(s.num_image_tokens, s.bmm_ratio, rng)
-      pipeline.bmm_keep(s.text_length, s.bmm_ratio, rng)
+      pipeline.bmm_keep(s.num_image_tokens, s.bmm_ratio, rng, s.bmm_drops)
+      pipeline.bmm_keep(s.text_length, s.bmm_ratio, rng, s.bmm_drops)
     c7 = clock()
     for k, a, b in (('read', c0, c1), ('decode', c1, c2), ('resize', c2, c3), ('views', c3, c4),
                     ('texts', c4, c5), ('tokenize', c5, c6), ('bmm', c6, c7)):

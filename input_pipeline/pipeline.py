@@ -18,8 +18,8 @@ Training (`train_iterator`)
   (drawn by input_pipeline.text.sample_phrase_level / sample_word_level); and BMM keep masks: per
   view over N_img = num_image_tokens(...) tokens and per text over its level's L_l positions (padding
   included, as the reference; L_l = data.text_length, data.phrase_text_length, data.word_text_length,
-  see input_pipeline.shapes.level_text_lengths): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped,
-  position 0 (CLS) is always kept. data.bmm_pattern = 'sample' draws them independently per sample, level and
+  see input_pipeline.shapes.level_text_lengths): k ~ U{0..int(bmm_ratio * N)} positions out of 1..N-1 are dropped
+  (data.bmm_drops = 'uniform'; 'fixed': k = int(bmm_ratio * N)), position 0 (CLS) is always kept. data.bmm_pattern = 'sample' draws them independently per sample, level and
   modality; 'batch' is the reference's: one pattern for every image view of this process's batch (N = the image
   tokens) and one for every text (N = the batch's longest text, [CLS] and [SEP] included: the reference pads
   to the longest and counts the padding), drawn per batch (`_BatchKeep`; with several processes each draws
@@ -73,13 +73,18 @@ def level_texts(caption: str, phrases: Sequence[str], attributes: Sequence[str],
 
 
 BMM_PATTERNS = ('sample', 'batch')
+BMM_DROPS = ('uniform', 'fixed')
 
 
-def bmm_keep(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
-  """BMM keep mask (n,) bool: U{0..int(ratio n)} of positions 1..n-1 dropped, CLS kept."""
+def bmm_keep(n: int, ratio: float, rng: np.random.Generator, drops: str = 'uniform') -> np.ndarray:
+  """BMM keep mask (n,) bool: U{0..int(ratio n)} ('uniform') or exactly int(ratio n) ('fixed') of positions
+  1..n-1 dropped, CLS kept."""
   keep = np.ones(n, bool)
   num = min(int(ratio * n), n - 1)
-  drop = int(rng.integers(0, num + 1)) if num > 0 else 0
+  if drops == 'fixed':
+    drop = max(num, 0)
+  else:
+    drop = int(rng.integers(0, num + 1)) if num > 0 else 0
   if drop:
     keep[1 + rng.choice(n - 1, size=drop, replace=False)] = False
   return keep
@@ -114,6 +119,7 @@ class _Settings:
   levels: tuple[str, ...] = examples.LEVELS
   erase_max_area: float = augment.ERASE_AREA[1]
   erase_fill: str = 'noise'
+  bmm_drops: str = 'uniform'
 
   @classmethod
   def from_config(cls, config) -> '_Settings':
@@ -132,6 +138,9 @@ class _Settings:
       raise ValueError(f'data.augment.pad must be >= 0, got {d.augment.pad}')
     if d.bmm_pattern not in BMM_PATTERNS:
       raise ValueError(f'data.bmm_pattern must be one of {BMM_PATTERNS}, got {d.bmm_pattern!r}')
+    drops = str(d.get('bmm_drops', 'uniform'))
+    if drops not in BMM_DROPS:
+      raise ValueError(f'data.bmm_drops must be one of {BMM_DROPS}, got {drops!r}')
     max_area = float(d.augment.get('erase_max_area', augment.ERASE_AREA[1]))
     if not augment.ERASE_AREA[0] < max_area < 1.0:
       raise ValueError(f'data.augment.erase_max_area must be in ({augment.ERASE_AREA[0]}, 1), got {max_area}')
@@ -142,7 +151,7 @@ class _Settings:
                num_image_tokens(size, int(m.patch_size), int(m.stride)),
                int(d.augment.pad), float(d.augment.flip_prob), float(d.augment.erase_prob),
                float(d.bmm_ratio), int(d.word_level_max_attrs), str(d.bmm_pattern), shapes.mla_levels(config),
-               max_area, fill)
+               max_area, fill, drops)
 
 
 class _TrainSample(grain.transforms.RandomMap):
@@ -174,9 +183,9 @@ class _TrainSample(grain.transforms.RandomMap):
     if s.bmm_pattern == 'batch':  # drawn for the whole batch by _BatchKeep
       image_keep = np.ones((n_levels, s.num_image_tokens), bool)
     else:
-      image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng) for _ in s.levels])
+      image_keep = np.stack([bmm_keep(s.num_image_tokens, s.bmm_ratio, rng, s.bmm_drops) for _ in s.levels])
       for level, n in enumerate(s.level_lengths):
-        text_keep[level, :n] = bmm_keep(n, s.bmm_ratio, rng)
+        text_keep[level, :n] = bmm_keep(n, s.bmm_ratio, rng, s.bmm_drops)
     return dict(images=images, text_ids=ids, text_mask=mask, image_keep=image_keep,
                 text_keep=text_keep, person_id=np.int32(examples.record_person_id(record, index)))
 
@@ -192,10 +201,10 @@ class _BatchKeep:
   def __call__(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     s = self._s
     rng = np.random.default_rng([self._seed, self.STREAM, int(index)])
-    image_keep = bmm_keep(s.num_image_tokens, s.bmm_ratio, rng)
+    image_keep = bmm_keep(s.num_image_tokens, s.bmm_ratio, rng, s.bmm_drops)
     longest = max(2, examples.longest_text(batch))
     text_keep = np.ones(s.text_length, bool)
-    text_keep[:longest] = bmm_keep(longest, s.bmm_ratio, rng)
+    text_keep[:longest] = bmm_keep(longest, s.bmm_ratio, rng, s.bmm_drops)
     return {**batch, 'image_keep': np.broadcast_to(image_keep, batch['image_keep'].shape).copy(),
             'text_keep': np.broadcast_to(text_keep, batch['text_keep'].shape).copy()}
 

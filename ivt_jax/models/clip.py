@@ -14,7 +14,9 @@
 BMM (data.bmm_ratio) drops tokens as keys, as in the IVT encoder: image patches (the class token always stays),
 and text tokens (the start and end-of-text tokens always stay). In the causal text tower a dropped token still
 gets its own output (it attends to the earlier kept tokens), but no later token sees it: the end-of-text token,
-whose output is the text's feature, reads the text without it, as the shared encoder's CLS does.
+whose output is the text's feature, reads the text without it, as the shared encoder's CLS does. With
+data.bmm_drops = 'fixed' and model.bmm_tokens = 'remove' the dropped image patches are removed from the
+sequence at training time (`encoder.remove_dropped`: exact, the same features and gradients).
 
 Parameter names follow OpenAI's state dict (visual.conv1, visual.class_embedding, ..., transformer.resblocks_N
 .attn.in_proj, ln_final, text_projection), so that released weights map one to one (ivt_jax.weights.clip).
@@ -55,6 +57,8 @@ class ClipConfig:
   text_heads: int = 8
   num_classes: int = 0
   bmm_ratio: float = 0.2
+  bmm_drops: str = 'uniform'
+  bmm_tokens: str = 'remove'
   dtype: str = 'float32'
   attention: str = 'xla'
   remat: bool = False
@@ -74,6 +78,11 @@ class ClipConfig:
     """Patches plus the class token."""
     return shapes.num_image_tokens(self.image_size, self.patch_size, self.stride)
 
+  @property
+  def image_keep_length(self) -> int:
+    """Image tokens the vision tower runs on at training time (`encoder.removal_length`)."""
+    return model_lib.removal_length(self.num_image_tokens, self.bmm_ratio, self.bmm_drops, self.bmm_tokens)
+
 
 def clip_config(config: ml_collections.ConfigDict) -> ClipConfig:
   """The one place where the experiment config becomes the CLIP head's static config."""
@@ -92,12 +101,14 @@ def clip_config(config: ml_collections.ConfigDict) -> ClipConfig:
   if c.id_weight and not c.num_classes:
     raise ValueError('model.clip.id_weight > 0 needs model.clip.num_classes (the training identities; set from '
                      'the prepared data when the run starts)')
+  bmm_drops, bmm_tokens = model_lib.bmm_settings(config)
+  model_lib.check_bmm(config.data.bmm_ratio, bmm_drops, bmm_tokens)
   return ClipConfig(
       image_size=tuple(config.data.image_size), patch_size=m.patch_size, stride=m.stride,
       vision_width=c.vision_width, vision_layers=c.vision_layers, vision_heads=c.vision_heads,
       embed_dim=c.embed_dim, vocab_size=m.vocab_size, context_length=c.context_length, text_width=c.text_width,
       text_layers=c.text_layers, text_heads=c.text_heads, num_classes=int(c.num_classes),
-      bmm_ratio=config.data.bmm_ratio, dtype=m.dtype, attention=m.attention, remat=m.remat,
+      bmm_ratio=config.data.bmm_ratio, bmm_drops=bmm_drops, bmm_tokens=bmm_tokens, dtype=m.dtype, attention=m.attention, remat=m.remat,
       sdm_weight=c.sdm_weight, id_weight=c.id_weight, itc_weight=c.itc_weight, cmpm_weight=c.cmpm_weight,
       temperature=c.temperature)
 
@@ -164,8 +175,9 @@ class VisionTransformer(nn.Module):
   cfg: ClipConfig
 
   @nn.compact
-  def __call__(self, images, valid):
-    """images: (B, H, W, 3) CLIP-normalized; valid: (B, 1 + N) bool keys -> (B, embed_dim) float32."""
+  def __call__(self, images, valid, keep_length=None):
+    """images: (B, H, W, 3) CLIP-normalized; valid: (B, 1 + N) bool keys -> (B, embed_dim) float32.
+    keep_length: run the blocks on the first `keep_length` valid tokens alone (`encoder.remove_dropped`)."""
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     w = c.vision_width
@@ -178,6 +190,8 @@ class VisionTransformer(nn.Module):
     pos = self.param('positional_embedding', nn.initializers.normal(scale), (c.num_image_tokens, w))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, w)), x], axis=1) + pos.astype(x.dtype)
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name='ln_pre')(x)
+    if keep_length is not None and keep_length < x.shape[1]:
+      x, valid = model_lib.remove_dropped(x, jnp.ones_like(valid), valid, keep_length)
     x = Transformer(w, c.vision_layers, c.vision_heads, dtype, c.attention, c.remat, name='transformer')(
         x, _key_bias(valid))
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name='ln_post')(x[:, 0])
@@ -221,15 +235,17 @@ class ClipModel(nn.Module):
   def _keep(self, keep, batch, length, train):
     return model_lib.keep_mask(self, keep, batch, length, train, self.cfg.bmm_ratio)
 
-  def embed_images(self, images, keep=None, train: bool = False):
-    """(B, H, W, 3) normalized to [-1, 1] -> (B, embed_dim) float32 (not L2-normalized)."""
+  def embed_images(self, images, keep=None, train: bool = False, rows=None):
+    """(B, H, W, 3) normalized to [-1, 1] -> (B, embed_dim) float32 (not L2-normalized). rows: unused (the
+    towers draw no randomness), as the IVT encoder's."""
     c = self.cfg
     if images.shape[1:3] != tuple(c.image_size):
       raise ValueError(f'images are {images.shape[1:3]}, the model expects data.image_size {c.image_size}')
     x = (images * 0.5 + 0.5 - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
-    return self.visual(x, self._keep(keep, images.shape[0], c.num_image_tokens, train))
+    return self.visual(x, self._keep(keep, images.shape[0], c.num_image_tokens, train),
+                       c.image_keep_length if train else None)
 
-  def embed_texts(self, ids, mask, keep=None, train: bool = False):
+  def embed_texts(self, ids, mask, keep=None, train: bool = False, rows=None):
     """(B, L) ids and mask (1 on start..end-of-text) -> (B, embed_dim) float32 (not L2-normalized)."""
     b, n = ids.shape
     if n > self.cfg.context_length:

@@ -19,11 +19,21 @@ chance value for a while (configs/demo.py uses 0.08, about 1/sqrt(width); docs/d
 of the patch grid instead (`sincos2d_pos_embed`): at std 0.02 the position signal is a small fraction of the patch
 content, and a model trained from scratch first has to learn where each garment is.
 
-BMM token dropping is done by masking, not by removal, so that every shape is static under jit: a dropped token
-is excluded as a key in every layer with the same additive -10000 used for padding. Every kept token (CLS
-included) then attends to exactly the kept tokens, with the dropped ones contributing exp(-10000 + s) = 0 (exactly
-0 in float32 and bfloat16), so the CLS output equals the output of the sequence with those tokens removed; the
-dropped tokens' own outputs are computed and ignored. tests/test_model.py checks this equivalence.
+BMM token dropping: a dropped token is excluded as a key in every layer with the same additive -10000 used for
+padding. Every kept token (CLS included) then attends to exactly the kept tokens, with the dropped ones
+contributing exp(-10000 + s) = 0 (exactly 0 in float32 and bfloat16), so the CLS output equals the output of the
+sequence with those tokens removed. model.bmm_tokens = 'remove' (the default) also removes them from the image
+sequence when the data promises a static number of drops (data.bmm_drops = 'fixed': exactly floor(ratio * N)
+per row): the kept tokens are gathered, in order, into a sequence of N - floor(ratio * N) that the blocks run on,
+so the dropped tokens cost nothing (`remove_dropped`; a row that keeps fewer keeps its extra drops masked). With
+the reference's random count (data.bmm_drops = 'uniform', U{0..floor(ratio * N)}) no row is sure to drop
+anything, and the masked path runs. 'mask' keeps the masked path always (the parity tests compare the two).
+Texts keep the masked path: their keep masks count padding, as the reference's, and the text buckets cut
+padding, so the number of kept text positions is not static. tests/test_model.py checks the equivalences.
+
+Randomness at training time (stochastic depth, the text embedding dropout) is drawn per row from
+fold_in(key, row), row = the pair's index in the whole batch (`rows`, default 0..B-1), so a chunk of the batch
+run on its own (train.contrastive_chunk, ivt_jax.training.chunked) draws exactly what the whole batch draws.
 """
 from __future__ import annotations
 
@@ -42,6 +52,8 @@ MASK_VALUE = -10000.0  # the reference's additive mask, not -inf.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 POS_EMBED_INITS = ('trunc_normal', 'sincos2d')
 PATCH_EMBEDS = ('auto', 'conv', 'matmul')
+BMM_DROPS = ('uniform', 'fixed')
+BMM_TOKENS = ('remove', 'mask')
 
 
 def sincos2d_pos_embed(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -78,6 +90,8 @@ class EncoderConfig:
   drop_path: float = 0.1
   text_embed_dropout: float = 0.1
   bmm_ratio: float = 0.2
+  bmm_drops: str = 'uniform'
+  bmm_tokens: str = 'remove'
   ln_eps: float = 1e-6
   text_ln_eps: float = 1e-12
   dtype: str = 'float32'
@@ -94,6 +108,34 @@ class EncoderConfig:
   @property
   def num_image_tokens(self) -> int:
     return shapes.num_image_tokens(self.image_size, self.patch_size, self.stride)
+
+  @property
+  def image_keep_length(self) -> int:
+    """Image tokens the blocks run on at training time: fewer than `num_image_tokens` only when tokens are
+    removed (`removal_length`)."""
+    return removal_length(self.num_image_tokens, self.bmm_ratio, self.bmm_drops, self.bmm_tokens)
+
+
+def min_drops(length: int, ratio: float, drops: str) -> int:
+  """The fewest BMM drops a row of `length` tokens (CLS included) gets: floor(ratio * length) (at most
+  length - 1) with 'fixed' drops, 0 with 'uniform' ones."""
+  return min(int(ratio * length), length - 1) if drops == 'fixed' else 0
+
+
+def removal_length(length: int, ratio: float, drops: str, tokens: str) -> int:
+  """The static sequence length of the removal path (`remove_dropped`): length - min_drops, or length when the
+  masked path runs (tokens='mask' or no guaranteed drop)."""
+  return length - min_drops(length, ratio, drops) if tokens == 'remove' else length
+
+
+def check_bmm(ratio: float, drops: str, tokens: str) -> None:
+  """A clear error for a bad data.bmm_ratio, data.bmm_drops or model.bmm_tokens."""
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f'data.bmm_ratio must be in [0, 1), got {ratio}')
+  if drops not in BMM_DROPS:
+    raise ValueError(f'data.bmm_drops must be one of {BMM_DROPS}, got {drops!r}')
+  if tokens not in BMM_TOKENS:
+    raise ValueError(f'model.bmm_tokens must be one of {BMM_TOKENS}, got {tokens!r}')
 
 
 def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
@@ -115,15 +157,21 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   if config.data.text_length > m.max_text_positions:
     raise ValueError(f'data.text_length ({config.data.text_length}) exceeds model.max_text_positions '
                      f'({m.max_text_positions})')
-  if not 0.0 <= config.data.bmm_ratio < 1.0:
-    raise ValueError(f'data.bmm_ratio must be in [0, 1), got {config.data.bmm_ratio}')
+  bmm_drops, bmm_tokens = bmm_settings(config)
+  check_bmm(config.data.bmm_ratio, bmm_drops, bmm_tokens)
   return EncoderConfig(
       image_size=tuple(config.data.image_size), patch_size=m.patch_size, stride=m.stride, width=m.width,
       depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, vocab_size=m.vocab_size,
       max_text_positions=m.max_text_positions, type_vocab_size=m.type_vocab_size, drop_path=m.drop_path,
-      text_embed_dropout=m.text_embed_dropout, bmm_ratio=config.data.bmm_ratio, ln_eps=m.ln_eps,
+      text_embed_dropout=m.text_embed_dropout, bmm_ratio=config.data.bmm_ratio, bmm_drops=bmm_drops,
+      bmm_tokens=bmm_tokens, ln_eps=m.ln_eps,
       text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat, init_std=m.init_std,
       pos_embed_init=m.pos_embed_init, patch_embed=patch_embed)
+
+
+def bmm_settings(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(data.bmm_drops, model.bmm_tokens), with their defaults for configs that predate them."""
+  return str(config.data.get('bmm_drops', 'uniform')), str(config.model.get('bmm_tokens', 'remove'))
 
 
 def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
@@ -141,19 +189,53 @@ def normalize_images(images_uint8: jax.Array) -> jax.Array:
   return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
 
 
-def draw_keep_mask(rng: jax.Array, batch: int, length: int, ratio: float) -> jax.Array:
+def draw_keep_mask(rng: jax.Array, batch: int, length: int, ratio: float, drops: str = 'uniform') -> jax.Array:
   """BMM drop pattern: (batch, length) bool, CLS (position 0) always kept.
 
-  Per row, k ~ U{0, ..., floor(ratio * length)} of the positions 1..length-1 are dropped, chosen uniformly.
-  `length` counts the CLS token and, for text, the padding, as the reference does.
+  Per row, k of the positions 1..length-1 are dropped, chosen uniformly: k ~ U{0, ..., floor(ratio * length)}
+  ('uniform', the reference's) or k = floor(ratio * length) ('fixed'). `length` counts the CLS token and, for
+  text, the padding, as the reference does.
   """
-  max_drop = int(ratio * length)
+  max_drop = min(int(ratio * length), length - 1)
   rk, rp = jax.random.split(rng)
-  k = jax.random.randint(rk, (batch, 1), 0, max_drop + 1)
+  if drops == 'fixed':
+    k = jnp.full((batch, 1), max_drop)
+  else:
+    k = jax.random.randint(rk, (batch, 1), 0, max_drop + 1)
   scores = jax.random.uniform(rp, (batch, length - 1))
   rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # a uniform random permutation rank per row
   keep_rest = rank >= k
   return jnp.concatenate([jnp.ones((batch, 1), bool), keep_rest], axis=1)
+
+
+def remove_dropped(x: jax.Array, valid: jax.Array, keep: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+  """The removal path of BMM: x (B, N, D) tokens, valid (B, N) attended keys, keep (B, N) the BMM keep mask ->
+  (B, length, D) tokens and (B, length) keys: each row's kept tokens first, in their order (CLS first), then its
+  dropped ones (still masked as keys) up to `length`. Exact for every row that keeps at most `length` tokens
+  (`kept_overflow` finds the others)."""
+  order = jnp.argsort(~keep, axis=1, stable=True)[:, :length]  # kept positions first, each group in order
+  x = jnp.take_along_axis(x, order[..., None], axis=1)
+  return x, jnp.take_along_axis(valid & keep, order, axis=1)
+
+
+def kept_overflow(keep: jax.Array, length: int) -> jax.Array:
+  """() bool: some row of keep (..., N) keeps more than `length` tokens (the removal path would lose some)."""
+  return jnp.any(jnp.sum(keep, axis=-1) > length)
+
+
+def row_bernoulli(key: jax.Array, p: float, rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """(len(rows),) + shape bool, True with probability p, row r drawn from fold_in(key, rows[r]): the same for a
+  row whichever batch or chunk it is computed in."""
+  return jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(key, r), p, shape))(rows)
+
+
+def batch_rows(rows, batch: int) -> jax.Array:
+  """The rows' indices in the whole batch: `rows` as given, or 0..batch-1."""
+  if rows is None:
+    return jnp.arange(batch, dtype=jnp.int32)
+  if rows.shape != (batch,):
+    raise ValueError(f'rows has shape {rows.shape}, expected {(batch,)}')
+  return rows
 
 
 def keep_mask(module: nn.Module, keep, batch: int, length: int, train: bool, ratio: float) -> jax.Array:
@@ -302,20 +384,21 @@ class Block(nn.Module):
   implementation: str = 'xla'
   init_std: float = 0.02
 
-  def _drop_path(self, y, deterministic):
+  def _drop_path(self, y, deterministic, rows):
     if deterministic or self.drop_path == 0.0:
       return y
     keep = 1.0 - self.drop_path
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    mask = row_bernoulli(self.make_rng('dropout'), keep, batch_rows(rows, y.shape[0]), (1,) * (y.ndim - 1))
     return jnp.where(mask, y / keep, 0).astype(y.dtype)
 
   @nn.compact
-  def __call__(self, x, key_bias, modality: str, deterministic: bool, cls_only: bool = False):
-    """x: (B, N, D) -> (B, N, D); with `cls_only` -> (B, 1, D), the CLS output alone (the same numbers)."""
+  def __call__(self, x, key_bias, modality: str, deterministic: bool, cls_only: bool = False, rows=None):
+    """x: (B, N, D) -> (B, N, D); with `cls_only` -> (B, 1, D), the CLS output alone (the same numbers).
+    rows: (B,) the rows' indices in the whole batch (`batch_rows`), keying stochastic depth."""
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     attn = Attention(self.num_heads, self.dtype, self.implementation, self.init_std, name='attn')
     y = attn(norm('norm1')(x), key_bias, cls_only)
-    x = (x[:, :1] if cls_only else x) + self._drop_path(y, deterministic)
+    x = (x[:, :1] if cls_only else x) + self._drop_path(y, deterministic, rows)
     y = norm('norm2')(x)
     # Both MLPs exist in every block; only the modality's one runs.
     mlp_vis = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_vis')
@@ -323,11 +406,12 @@ class Block(nn.Module):
     if self.is_initializing():
       _ = mlp_txt(y) if modality == 'image' else mlp_vis(y)
     y = mlp_vis(y) if modality == 'image' else mlp_txt(y)
-    return x + self._drop_path(y, deterministic)
+    return x + self._drop_path(y, deterministic, rows)
 
 
 class TextEmbeddings(nn.Module):
-  """BERT embeddings: word + position + token type 0, LayerNorm(eps 1e-12), dropout."""
+  """BERT embeddings: word + position + token type 0, LayerNorm(eps 1e-12), dropout (drawn per row, see
+  `row_bernoulli`)."""
   vocab_size: int
   max_positions: int
   type_vocab_size: int
@@ -337,8 +421,8 @@ class TextEmbeddings(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, ids, deterministic: bool):
-    """ids: (B, L) int32 -> (B, L, D)."""
+  def __call__(self, ids, deterministic: bool, rows=None):
+    """ids: (B, L) int32 -> (B, L, D); rows: (B,) the rows' indices in the whole batch (`batch_rows`)."""
     init = nn.initializers.normal(0.02)
     word = nn.Embed(self.vocab_size, self.width, embedding_init=init, name='word_embeddings')(ids)
     pos = nn.Embed(self.max_positions, self.width, embedding_init=init, name='position_embeddings')(
@@ -346,7 +430,11 @@ class TextEmbeddings(nn.Module):
     typ = nn.Embed(self.type_vocab_size, self.width, embedding_init=init, name='token_type_embeddings')(
         jnp.zeros_like(ids))
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name='LayerNorm')(word + typ + pos)
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    if deterministic or self.dropout == 0.0:
+      return x
+    keep = 1.0 - self.dropout
+    mask = row_bernoulli(self.make_rng('dropout'), keep, batch_rows(rows, ids.shape[0]), x.shape[1:])
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
 class Encoder(nn.Module):
@@ -371,7 +459,7 @@ class Encoder(nn.Module):
     self.type_embed = self.param('type_embed', _trunc_normal, (1, n_img, c.width))
     self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_positions, c.type_vocab_size, c.width,
                                      c.text_ln_eps, c.text_embed_dropout, dtype)
-    block = nn.remat(Block, static_argnums=(3, 4, 5)) if c.remat else Block
+    block = nn.remat(Block, static_argnums=(3, 4, 5)) if c.remat else Block  # modality, deterministic, cls_only
     rates = np.linspace(0.0, c.drop_path, c.depth)
     self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention, c.init_std)
                    for i in range(c.depth)]
@@ -380,7 +468,7 @@ class Encoder(nn.Module):
   def _keep(self, keep, batch, length, train):
     return keep_mask(self, keep, batch, length, train, self.cfg.bmm_ratio)
 
-  def _transformer(self, x, valid, modality, train, cls_only: bool = False):
+  def _transformer(self, x, valid, modality, train, cls_only: bool = False, rows=None):
     """x: (B, N, D) embedded tokens; valid: (B, N) bool keys -> (B, N, D) after the final LayerNorm.
 
     cls_only: -> (B, 1, D), the CLS output alone: the last block projects only the CLS query and runs its
@@ -390,12 +478,12 @@ class Encoder(nn.Module):
     key_bias = jnp.where(valid, 0.0, MASK_VALUE).astype(jnp.float32)
     last = len(self.blocks) - 1
     for i, blk in enumerate(self.blocks):
-      x = blk(x, key_bias, modality, not train, cls_only and i == last)
+      x = blk(x, key_bias, modality, not train, cls_only and i == last, rows)
     return self.norm(x)
 
-  def image_tokens(self, images, keep=None, train: bool = False, cls_only: bool = False):
+  def image_tokens(self, images, keep=None, train: bool = False, cls_only: bool = False, rows=None):
     """images: (B, H, W, 3) float, normalized (see `normalize_images`) -> (B, 1 + patches, D), or (B, 1, D)
-    with `cls_only`."""
+    with `cls_only` (then, at training time, the dropped tokens removed when `image_keep_length` says so)."""
     c = self.cfg
     if images.shape[1:3] != tuple(c.image_size):
       raise ValueError(f'images are {images.shape[1:3]}, the model expects data.image_size {c.image_size}')
@@ -404,25 +492,28 @@ class Encoder(nn.Module):
     x = x.reshape(b, -1, c.width)  # row-major over the (rows, cols) grid
     x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c.width)).astype(x.dtype), x], axis=1)
     x = x + self.pos_embed + self.type_embed
-    return self._transformer(x, self._keep(keep, b, x.shape[1], train), 'image', train, cls_only)
+    valid = self._keep(keep, b, x.shape[1], train)
+    if train and cls_only and c.image_keep_length < x.shape[1]:
+      x, valid = remove_dropped(x, jnp.ones_like(valid), valid, c.image_keep_length)
+    return self._transformer(x, valid, 'image', train, cls_only, rows)
 
-  def text_tokens(self, ids, mask, keep=None, train: bool = False, cls_only: bool = False):
+  def text_tokens(self, ids, mask, keep=None, train: bool = False, cls_only: bool = False, rows=None):
     """ids, mask: (B, L) int -> (B, L, D), or (B, 1, D) with `cls_only`. mask is 1 for real tokens (incl.
     [CLS]/[SEP]) and 0 for padding."""
     b, n = ids.shape
     if n > self.cfg.max_text_positions:
       raise ValueError(f'text length {n} exceeds model.max_text_positions {self.cfg.max_text_positions}')
-    x = self.embeddings(ids, deterministic=not train)
+    x = self.embeddings(ids, deterministic=not train, rows=rows)
     valid = jnp.logical_and(mask.astype(bool), self._keep(keep, b, n, train))
-    return self._transformer(x, valid, 'text', train, cls_only)
+    return self._transformer(x, valid, 'text', train, cls_only, rows)
 
-  def embed_images(self, images, keep=None, train: bool = False):
-    """(B, H, W, 3) normalized float -> (B, D) CLS embedding (float32)."""
-    return self.image_tokens(images, keep, train, cls_only=True)[:, 0].astype(jnp.float32)
+  def embed_images(self, images, keep=None, train: bool = False, rows=None):
+    """(B, H, W, 3) normalized float -> (B, D) CLS embedding (float32). rows: see `batch_rows`."""
+    return self.image_tokens(images, keep, train, cls_only=True, rows=rows)[:, 0].astype(jnp.float32)
 
-  def embed_texts(self, ids, mask, keep=None, train: bool = False):
-    """(B, L) ids and mask -> (B, D) CLS embedding (float32)."""
-    return self.text_tokens(ids, mask, keep, train, cls_only=True)[:, 0].astype(jnp.float32)
+  def embed_texts(self, ids, mask, keep=None, train: bool = False, rows=None):
+    """(B, L) ids and mask -> (B, D) CLS embedding (float32). rows: see `batch_rows`."""
+    return self.text_tokens(ids, mask, keep, train, cls_only=True, rows=rows)[:, 0].astype(jnp.float32)
 
   def __call__(self, images, ids, mask, train: bool = False):
     """Both modalities (used to initialize every parameter): -> ((B, D), (B, D))."""

@@ -224,19 +224,19 @@ class PartModel(model_lib.Encoder):
       return self.part_decoder
     return self.part_decoder_image if modality == 'image' else self.part_decoder_text
 
-  def image_parts(self, images, keep=None, train: bool = False):
+  def image_parts(self, images, keep=None, train: bool = False, rows=None):
     """(B, H, W, 3) normalized images -> (coarse (B, D), parts (B, K, D)), float32."""
     b = images.shape[0]
     keep = self._keep(keep, b, self.cfg.num_image_tokens, train)  # CLS included
-    tokens = self.image_tokens(images, keep, train)
+    tokens = self.image_tokens(images, keep, train, rows=rows)
     parts = self._decoder('image')(self.part_queries, tokens, image_part_keys(keep), 'image')
     return tokens[:, 0].astype(jnp.float32), parts
 
-  def text_parts(self, ids, mask, keep=None, train: bool = False):
+  def text_parts(self, ids, mask, keep=None, train: bool = False, rows=None):
     """(B, L) ids and mask -> (coarse (B, D), parts (B, K, D)), float32."""
     b, n = ids.shape
     keep = self._keep(keep, b, n, train)
-    tokens = self.text_tokens(ids, mask, keep, train)
+    tokens = self.text_tokens(ids, mask, keep, train, rows=rows)
     parts = self._decoder('text')(self.part_queries, tokens, text_part_keys(mask, keep), 'text')
     return tokens[:, 0].astype(jnp.float32), parts
 

@@ -166,8 +166,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                   abstract_state, state_shardings)
   class_table = evaluate_lib.class_table(config, prepared)
   gathered = step_setup.gather_shardings(config, shardings, mesh)
+  chunk = step_setup.contrastive_chunk(config, global_batch)
   make_step = lambda text_lengths: step_setup.jit_train_step(encoder, tx, schedule, steps_per_epoch, text_lengths,
-                                                            state_shardings, mesh, class_table, gathered)
+                                                            state_shardings, mesh, class_table, gathered, chunk)
   # XLA compiles the step in a thread while this one initializes or restores the state.
   train_step = _StepsByLength(make_step, target, config, global_batch, mesh)
   restored = checkpoints.restore_training(manager, target, data_iter)
@@ -206,6 +207,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       raise NonFiniteError(f'non-finite loss or gradient at step {m_step} (loss={m["loss"]}, '
                            f'grad_norm={m["grad_norm"]}); training stopped, the last good checkpoint is kept '
                            f'(latest saved step: {manager.latest_step()})')
+    if m.get('bmm_fits', 1.0) < 1:
+      raise ValueError(f'step {m_step}: a BMM keep mask keeps more image tokens than the removal path holds '
+                       f'(data.bmm_drops=fixed promises exactly floor(data.bmm_ratio x tokens) drops per row); the '
+                       f'step was skipped. Set model.bmm_tokens=mask to run such masks')
     return m
 
   mesh_text = ' x '.join(f'{k} {v}' for k, v in mesh.shape.items())

@@ -16,6 +16,7 @@ from ivt_jax.models import heads
 from ivt_jax.models import encoder as model_lib
 from ivt_jax.training import optim
 from ivt_jax.runtime import sharding as sharding_lib
+from ivt_jax.training import chunked
 from ivt_jax.training import step as step_lib
 
 def batch_shapes(config: ml_collections.ConfigDict, batch: int,
@@ -54,8 +55,9 @@ def random_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0) -
   ids = rng.integers(1, config.model.vocab_size, size=(batch, v, length)).astype(np.int32) * mask
   key_img, key_txt = jax.random.split(jax.random.PRNGKey(seed))
   ratio = float(config.data.bmm_ratio)
-  image_keep = np.asarray(model_lib.draw_keep_mask(key_img, batch * v, n_img, ratio))
-  text_keep = np.asarray(model_lib.draw_keep_mask(key_txt, batch * v, length, ratio))
+  drops, _ = model_lib.bmm_settings(config)
+  image_keep = np.asarray(model_lib.draw_keep_mask(key_img, batch * v, n_img, ratio, drops))
+  text_keep = np.asarray(model_lib.draw_keep_mask(key_txt, batch * v, length, ratio, drops))
   text_keep = text_keep | (np.arange(length) >= np.tile(level_max, batch)[:, None])  # past each level's length
   k = max(1, int(config.data.images_per_id))
   return {
@@ -77,18 +79,26 @@ def local_rows(batch: dict) -> dict:
 
 
 def jit_train_step(encoder, tx, schedule, steps_per_epoch: int, text_lengths: Sequence[int], state_shardings,
-                   mesh: jax.sharding.Mesh, class_table=None, gathered_params=None):
+                   mesh: jax.sharding.Mesh, class_table=None, gathered_params=None, contrastive_chunk: int = 0):
   """`step.train_step` jitted as training runs it: the batch split over the mesh, the state donated, the metrics
   replicated. text_lengths: the levels' positions in the batch's text length (static). class_table: the sorted
   training person ids (the CLIP head's ID classifier; a constant of the program). gathered_params: see
-  `step.train_step` (`gather_shardings` of a config with mesh.gather_params)."""
+  `step.train_step` (`gather_shardings` of a config with mesh.gather_params). contrastive_chunk: see
+  `step.train_step` (train.contrastive_chunk)."""
   return jax.jit(
       functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
                         steps_per_epoch=steps_per_epoch, text_lengths=tuple(text_lengths),
                         class_table=None if class_table is None else np.asarray(class_table, np.int32),
-                        gathered_params=gathered_params),
+                        gathered_params=gathered_params, contrastive_chunk=int(contrastive_chunk)),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+
+
+def contrastive_chunk(config: ml_collections.ConfigDict, batch: int) -> int:
+  """train.contrastive_chunk, checked against the global batch (a clear error naming the key)."""
+  chunk = int(config.get('train', {}).get('contrastive_chunk', 0))
+  chunked.check_chunk(batch, chunk)
+  return chunk
 
 
 def gather_shardings(config: ml_collections.ConfigDict, param_shardings, mesh: jax.sharding.Mesh):
@@ -122,7 +132,8 @@ class TrainSetup:
     classes = config.model.clip.num_classes if config.model.head == 'clip' and config.model.clip.id_weight else 0
     self.step = jit_train_step(self.encoder, self.tx, schedule, steps_per_epoch, shapes.level_text_lengths(config),
                                self.state_shardings, mesh, np.arange(classes) if classes else None,
-                               gather_shardings(config, self.param_shardings, mesh))
+                               gather_shardings(config, self.param_shardings, mesh),
+                               contrastive_chunk(config, batch))
 
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch).compile()

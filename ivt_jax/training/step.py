@@ -18,6 +18,7 @@ from ivt_jax.objectives import cmpm as losses
 from ivt_jax.models import encoder as model_lib
 from ivt_jax.objectives import part as part_losses
 from ivt_jax.models import part as part_model
+from ivt_jax.training import chunked
 
 LEVELS = 3  # MLA: sentence, phrase, word (data.mla_levels may train on fewer: the batch's axis 1 says how many)
 
@@ -41,37 +42,49 @@ def flatten_levels(batch: dict) -> dict:
   return out
 
 
+def pair_rows(rows: Optional[jax.Array], samples: int, levels: int) -> jax.Array:
+  """(V B,) the flattened pairs' indices in the whole batch (sample-major) from the samples' indices `rows`
+  (None: 0..samples-1)."""
+  rows = jnp.arange(samples, dtype=jnp.int32) if rows is None else rows
+  return (rows[:, None] * levels + jnp.arange(levels, dtype=jnp.int32)[None]).reshape(-1)
+
+
 def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
-                text_lengths: Optional[Sequence[int]] = None):
-  """encoder.apply(method) on the V B texts of the MLA batch, in `flatten_levels` order.
+                text_lengths: Optional[Sequence[int]] = None, rows: Optional[jax.Array] = None):
+  """encoder.apply(method) on the V B texts of the MLA batch, in `flatten_levels` order. rows: (B,) the
+  samples' indices in the whole batch (None: 0..B-1), keying the models' randomness per pair.
 
   text_lengths: positions per level (input_pipeline.shapes.level_text_lengths); a level shorter than the batch's
   L runs as its own forward on its first positions (the rest is padding, masked either way), so the
   short phrase and word texts cost what they hold. None (or all equal to L): one forward over (3B, L).
   """
-  levels, length = batch['text_ids'].shape[1:]
-  run = lambda ids, mask, keep, r: encoder.apply({'params': params}, ids, mask, keep, True, method=method,
-                                                 rngs={'dropout': r})
+  samples, levels, length = batch['text_ids'].shape
+  sample_rows = jnp.arange(samples, dtype=jnp.int32) if rows is None else rows
+  run = lambda ids, mask, keep, r, idx: encoder.apply({'params': params}, ids, mask, keep, True, rows=idx,
+                                                      method=method, rngs={'dropout': r})
   if text_lengths is None or all(int(n) == length for n in text_lengths):
     pairs = flatten_levels({k: batch[k] for k in ('text_ids', 'text_mask', 'text_keep', 'person_id')})
-    return run(pairs['text_ids'], pairs['text_mask'], pairs['text_keep'], rng)
+    return run(pairs['text_ids'], pairs['text_mask'], pairs['text_keep'], rng,
+               pair_rows(sample_rows, samples, levels))
   if len(text_lengths) != levels or max(text_lengths) > length:
     raise ValueError(f'text_lengths {tuple(text_lengths)} do not fit the batch\'s {levels} levels of {length}')
   outs = [run(batch['text_ids'][:, l, :n], batch['text_mask'][:, l, :n], batch['text_keep'][:, l, :n],
-              jax.random.fold_in(rng, l)) for l, n in enumerate(text_lengths)]
+              jax.random.fold_in(rng, l), sample_rows) for l, n in enumerate(text_lengths)]
   # (B, ...) per level -> (B, V, ...) -> (V B, ...): sample-major, as flatten_levels.
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:]), *outs)
 
 
-def pair_embeddings(params, batch: dict, rng: jax.Array, encoder, text_lengths: Optional[Sequence[int]] = None):
+def pair_embeddings(params, batch: dict, rng: jax.Array, encoder, text_lengths: Optional[Sequence[int]] = None,
+                    rows: Optional[jax.Array] = None):
   """-> (image embeddings (V B, D), text embeddings (V B, D), the flattened pairs) of the MLA batch at training
-  time, with its BMM keep masks."""
+  time, with its BMM keep masks. rows: see `apply_texts`."""
   pairs = flatten_levels(batch)
+  samples, levels = batch['text_ids'].shape[:2]
   rng_img, rng_txt = jax.random.split(rng)
   images = model_lib.normalize_images(pairs['images'])
-  x = encoder.apply({'params': params}, images, pairs['image_keep'], True, method='embed_images',
-                    rngs={'dropout': rng_img})
-  z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths)
+  x = encoder.apply({'params': params}, images, pairs['image_keep'], True, rows=pair_rows(rows, samples, levels),
+                    method='embed_images', rngs={'dropout': rng_img})
+  z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths, rows)
   return x, z, pairs
 
 
@@ -122,14 +135,11 @@ def part_loss_fn(params, batch: dict, rng: jax.Array, encoder: part_model.PartMo
   return total, aux
 
 
-def clip_loss_fn(params, batch: dict, rng: jax.Array, encoder: clip_model.ClipModel,
-                 text_lengths: Optional[Sequence[int]] = None, class_table=None, gathered_params=None):
-  """The CLIP head's objective over the V B pairs -> (loss, aux): the weighted sum of SDM, ID, ITC and CMPM
-  (model.clip.*_weight; a zero weight skips its term). class_table: (C,) the sorted training person ids; the ID
-  classifier's class of a person is its rank there."""
+def clip_objective(params, x, z, pid, encoder: clip_model.ClipModel, class_table=None):
+  """The CLIP head's objective on the (V B, D) embeddings -> (loss, aux): the weighted sum of SDM, ID, ITC and
+  CMPM (model.clip.*_weight; a zero weight skips its term). class_table: (C,) the sorted training person ids; the
+  ID classifier's class of a person is its rank there."""
   c = encoder.cfg
-  x, z, pairs = pair_embeddings(params, batch, rng, encoder, text_lengths)
-  pid = pairs['person_id']
   scale = 1.0 / c.temperature
   terms = {}
   if c.sdm_weight:
@@ -148,37 +158,87 @@ def clip_loss_fn(params, batch: dict, rng: jax.Array, encoder: clip_model.ClipMo
   return total, {f'loss_{k}': v for k, (_, v) in terms.items()}
 
 
+def clip_loss_fn(params, batch: dict, rng: jax.Array, encoder: clip_model.ClipModel,
+                 text_lengths: Optional[Sequence[int]] = None, class_table=None):
+  """The CLIP head's objective over the V B pairs -> (loss, aux) (`clip_objective`)."""
+  x, z, pairs = pair_embeddings(params, batch, rng, encoder, text_lengths)
+  return clip_objective(params, x, z, pairs['person_id'], encoder, class_table)
+
+
+def chunked_value_and_grad(params, batch: dict, rng: jax.Array, encoder, chunk: int,
+                           text_lengths: Optional[Sequence[int]] = None, class_table=None):
+  """((loss, aux), grads) of the IVT or CLIP objective over the whole batch, `chunk` samples at a time
+  (train.contrastive_chunk; ivt_jax.training.chunked): the same loss and gradients as the unchunked step."""
+  if isinstance(encoder, part_model.PartModel):
+    raise ValueError('train.contrastive_chunk is not supported for model.head=part (its part losses read token '
+                     'features, not only the embeddings); set train.contrastive_chunk=0')
+  samples, levels = batch['text_ids'].shape[:2]
+  chunked.check_chunk(samples, chunk)
+  pid = jnp.repeat(batch['person_id'], levels)
+
+  def embed(p, part, rows):
+    x, z, _ = pair_embeddings(p, part, rng, encoder, text_lengths, rows)
+    return x, z
+
+  if isinstance(encoder, clip_model.ClipModel):
+    objective = lambda p, x, z: clip_objective(p, x, z, pid, encoder, class_table)
+  else:
+    objective = lambda p, x, z: (losses.cmpm_loss(x, z, pid), {})
+  return chunked.value_and_grad(embed, objective, params, batch, chunk, levels)
+
+
 def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
                tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int,
-               text_lengths: Optional[Sequence[int]] = None, class_table=None, gathered_params=None):
+               text_lengths: Optional[Sequence[int]] = None, class_table=None, gathered_params=None,
+               contrastive_chunk: int = 0):
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged (the step
   still counts) and sets metrics['finite'] = 0 for the loop to stop on. The part head adds its loss terms to
   the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on), the CLIP head its
   terms (loss_sdm, loss_id, loss_itc, loss_cmpm). text_lengths: see `apply_texts` (static). class_table: the
   CLIP head's training identities (`clip_loss_fn`). gathered_params: shardings (replicated over fsdp) the
   parameters are constrained to before the forward (mesh.gather_params: weights gathered, ZeRO-3 style, instead
-  of the partitioner's own choice); None leaves the choice to XLA."""
+  of the partitioner's own choice); None leaves the choice to XLA. contrastive_chunk: samples per chunk of the
+  exact chunked gradient (`chunked_value_and_grad`; 0 or the whole batch: at once).
+
+  With BMM tokens removed (`encoder.image_keep_length` below the image tokens), a batch whose keep masks keep
+  more image tokens than that would lose some: such a step is skipped like a non-finite one, with
+  metrics['bmm_fits'] = 0 for the loop to stop on."""
   rng = jax.random.fold_in(state.rng, state.step)
   aux = {}
+  fits = jnp.asarray(True)
+  keep_length = getattr(encoder.cfg, 'image_keep_length', None)
+  if keep_length is not None and keep_length < batch['image_keep'].shape[-1]:
+    fits = ~model_lib.kept_overflow(batch['image_keep'], keep_length)
+    aux['bmm_fits'] = fits.astype(jnp.float32)
+  samples = batch['person_id'].shape[0]
+  chunk = int(contrastive_chunk)
 
   def gathered(fn):
     if gathered_params is None:
       return fn
     return lambda params, *args: fn(jax.lax.with_sharding_constraint(params, gathered_params), *args)
 
-  if isinstance(encoder, part_model.PartModel):
-    (loss, aux), grads = jax.value_and_grad(gathered(part_loss_fn), has_aux=True)(
+  if chunked.check_chunk(samples, chunk) > 1:
+    params = state.params if gathered_params is None else jax.lax.with_sharding_constraint(
+        state.params, gathered_params)
+    (loss, head_aux), grads = chunked_value_and_grad(params, batch, rng, encoder, chunk, text_lengths, class_table)
+    aux.update(head_aux)
+  elif isinstance(encoder, part_model.PartModel):
+    (loss, head_aux), grads = jax.value_and_grad(gathered(part_loss_fn), has_aux=True)(
         state.params, batch, rng, encoder, state.step, steps_per_epoch, text_lengths)
+    aux.update(head_aux)
   elif isinstance(encoder, clip_model.ClipModel):
-    (loss, aux), grads = jax.value_and_grad(gathered(clip_loss_fn), has_aux=True)(
+    (loss, head_aux), grads = jax.value_and_grad(gathered(clip_loss_fn), has_aux=True)(
         state.params, batch, rng, encoder, text_lengths, class_table)
+    aux.update(head_aux)
   else:
     loss, grads = jax.value_and_grad(gathered(loss_fn))(state.params, batch, rng, encoder, text_lengths)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  apply = finite & fits
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  keep_old = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  keep_old = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new, old)
   new_state = state.replace(step=state.step + 1,
                             params=keep_old(params, state.params),
                             opt_state=keep_old(opt_state, state.opt_state))
