@@ -4,6 +4,8 @@
   python -m ivt_jax.benchmark --config=configs/cuhk.py --batch 8 --fsdp_memory=1,2,4,8 --notrain --noretrieval
   python -m ivt_jax.benchmark --config=configs/demo.py --loop --notrain --noretrieval   # step, pipeline, loop
   python -m ivt_jax.benchmark --config=configs/demo_part.py --part_cost --noretrieval   # the part head's cost
+  python -m ivt_jax.benchmark --config=configs/demo.py --notrain --noretrieval \
+      --variants=uniform_mask,fixed_mask,fixed_remove,chunked          # less work: removal, chunks
 
 Training step: the real `step.train_step` with `optim.make_optimizer`, jitted with the shardings of training
 (mesh data x fsdp from config.mesh, parameters by sharding.param_shardings, optimizer state as its parameters,
@@ -314,6 +316,13 @@ def main(argv):
   if FLAGS.train:
     figures.update(benchmark_train(config, batch, FLAGS.steps, FLAGS.warmup, cpu_peak, log=log))
     _print_new(figures, 'train/')
+  if FLAGS.variants:
+    from ivt_jax.bench import variants  # pylint: disable=g-import-not-at-top
+    names = [v.strip() for v in FLAGS.variants.split(',') if v.strip()]
+    figures.update(variants.compare(config, batch, names, FLAGS.chunk, FLAGS.steps if FLAGS.train else 0,
+                                    FLAGS.warmup, log=log))
+    _print_new(figures, 'variant/')
+    print(variants.table(figures, names), flush=True)
   if FLAGS.part_cost:
     from ivt_jax.bench import part_cost  # pylint: disable=g-import-not-at-top
     print(part_cost.format_cost(part_cost.cost_summary(config, FLAGS.steps if FLAGS.train else 0)), flush=True)
@@ -353,6 +362,10 @@ def define_flags():
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_bool('train', True, 'Run and time the training step.')
   flags.DEFINE_string('fsdp_memory', '', 'Comma-separated fsdp sizes: compiled memory per device for each.')
+  flags.DEFINE_string('variants', '', 'Comma-separated step variants side by side (ivt_jax.bench.variants): '
+                      'uniform_mask, fixed_mask, fixed_remove, chunked: FLOPs, compiled memory and, with --train, '
+                      'the step time.')
+  flags.DEFINE_integer('chunk', 0, '--variants chunked: samples per chunk (0 = a quarter of the batch).')
   flags.DEFINE_bool('cpu_peak', False, 'Measure the CPU matmul rate even without --train.')
   flags.DEFINE_bool('part_cost', False, "The part head's extra cost against the IVT head (ivt_jax.bench.part_cost): "
                     'parameters, embedding size and, with --train, the step.')

@@ -42,7 +42,7 @@ LOCK_FILE = 'run.lock'
 REFUSED = ('model.', 'part.', 'data.', 'optim.', 'init.', 'seed', 'num_epochs')
 # Keys under those prefixes that do not change what is trained: how the data is read, not which data.
 ALLOWED = ('data.worker_count', 'data.worker_buffer_size', 'data.prefetch', 'data.manual_dir', 'data.data_dir',
-           'data.local_cache_dir', 'model.patch_embed')  # the same numbers by another op
+           'data.local_cache_dir', 'model.patch_embed', 'model.bmm_tokens')  # the same numbers by another op
 
 
 class RunLockedError(RuntimeError):
