@@ -29,6 +29,8 @@ flags.DEFINE_integer('batch', 0, 'Global batch (samples); 0: the config\'s, rais
 flags.DEFINE_enum('what', 'train', ['train', 'embed'], 'The training step, or the evaluation embedders.')
 flags.DEFINE_bool('fit', False, 'Find the largest batch that fits, by compiling (with and without remat).')
 flags.DEFINE_enum('fit_remat', 'both', ['both', 'config'], '--fit with remat off and on, or as the config says.')
+flags.DEFINE_integer('fit_chunk', 0, '--fit also with the chunked contrastive gradient (train.contrastive_chunk '
+                     '= this many samples); 0: only as the config says.')
 flags.DEFINE_integer('max_batch', 1 << 14, '--fit searches batches up to this.')
 flags.DEFINE_string('output', '', 'Write the plan(s) as JSON here.')
 flags.DEFINE_float('price', -1.0, 'US$ per chip-hour for the cost estimate (-1: the list price in the table).')
@@ -74,22 +76,25 @@ def main(argv) -> int:
   price = FLAGS.price if FLAGS.price >= 0 else None
   out, status = [], 0
   if FLAGS.fit:
-    for remat in ((False, True) if FLAGS.fit_remat == 'both' else (bool(FLAGS.config.model.remat),)):
+    remats = (False, True) if FLAGS.fit_remat == 'both' else (bool(FLAGS.config.model.remat),)
+    chunks = (int(FLAGS.config.train.contrastive_chunk),) + ((FLAGS.fit_chunk,) if FLAGS.fit_chunk > 0 else ())
+    for remat, chunk in [(r, k) for k in chunks for r in remats]:
       c = FLAGS.config.copy_and_resolve_references()
       c.unlock()
       c.model.remat = remat
-      print(f'{target.cloud_name}: the largest {FLAGS.what} batch with remat {"on" if remat else "off"}...',
-            file=sys.stderr)
+      c.train.contrastive_chunk = chunk
+      how = f'remat {"on" if remat else "off"}' + (f', chunks of {chunk}' if chunk else '')
+      print(f'{target.cloud_name}: the largest {FLAGS.what} batch with {how}...', file=sys.stderr)
       batch, p, tried = plan_lib.fit(c, target, FLAGS.what, devices, FLAGS.max_batch,
                                      progress=lambda s: print(f'  {s}', file=sys.stderr), verbose=verbose)
       if p is None:
-        print(f'remat {"on" if remat else "off"}: no batch fits {target.cloud_name}')
-        out.append({'remat': remat, 'largest_batch': 0, 'tried': tried})
+        print(f'{how}: no batch fits {target.cloud_name}')
+        out.append({'remat': remat, 'contrastive_chunk': chunk, 'largest_batch': 0, 'tried': tried})
         status = 1
         continue
       print(report.text(p, config_name, report.recipe(p, c, FLAGS.train_pairs or None, price)))
-      print(f'=> the largest batch that fits with remat {"on" if remat else "off"}: {batch}\n')
-      out.append({'remat': remat, 'largest_batch': batch, 'tried': tried, 'plan': p.to_dict(),
+      print(f'=> the largest batch that fits with {how}: {batch}\n')
+      out.append({'remat': remat, 'contrastive_chunk': chunk, 'largest_batch': batch, 'tried': tried, 'plan': p.to_dict(),
                   'recipe': report.recipe(p, c, FLAGS.train_pairs or None, price)})
   else:
     try:

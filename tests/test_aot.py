@@ -75,6 +75,29 @@ def test_tiny_config_compiles_for_tpu_slices(name, fsdp):
 
 
 @needs_tpu
+@needs_cuda
+def test_chunks_and_token_removal_show_in_the_compiled_figures():
+  """The less-work paths compiled: token removal cuts the FLOPs (a v4-8's compiled count), chunks the memory
+  (one H100's compiled program), and the batch unit takes whole chunks."""
+  from ivt_jax.planner import plan
+
+  def compiled(**keys):
+    c = tiny_config(width=64, mlp_dim=128, depth=4)
+    c.data.image_size = (128, 64)
+    c.data.bmm_drops, c.model.bmm_tokens = keys.get('drops', 'fixed'), keys.get('tokens', 'remove')
+    c.train.contrastive_chunk = keys.get('chunk', 0)
+    return plan.compile_for(c, targets.parse_target(keys.get('target', 'v4-8')), 64)
+
+  assert compiled().cost['flops'] < 0.9 * compiled(tokens='mask').cost['flops']
+  whole, chunked = compiled(target='h100'), compiled(target='h100', chunk=8)
+  assert chunked.memory['temporaries'] < 0.5 * whole.memory['temporaries']
+  c = tiny_config()
+  c.train.contrastive_chunk = 24
+  b = plan.config_batch(c)
+  assert plan.batch_unit(c, 4) == 24 and plan.default_batch(c, 4) == 24 * -(-b // 24)  # raised to whole chunks
+
+
+@needs_tpu
 def test_a_batch_too_big_for_the_chip_is_refused():
   from ivt_jax.planner import plan
   with pytest.raises(plan.DoesNotFitError, match='does not fit v5e-16.*HBM'):

@@ -58,9 +58,11 @@ class Plan:
 
 
 def batch_unit(config: ml_collections.ConfigDict, mesh_size: int) -> int:
-  """Batches the step takes on this mesh come in multiples of this: every chip a share, whole identities."""
+  """Batches the step takes on this mesh come in multiples of this: every chip a share, whole identities, whole
+  chunks (train.contrastive_chunk)."""
   k = max(1, int(config.data.images_per_id))
-  return mesh_size * k // math.gcd(mesh_size, k)
+  chunk = max(1, int(config.get('train', {}).get('contrastive_chunk', 0)))
+  return math.lcm(mesh_size, k, chunk)
 
 
 def config_batch(config: ml_collections.ConfigDict, what: str = 'train') -> int:
