@@ -15,16 +15,15 @@ the batches are read again (twice at most). Budgets are in GB (1e9 bytes, as GPU
 """
 import json
 import math
-import sys
 
 from ivt_jax.planner import devices as devices_lib
+from ivt_jax.planner import memory_fit
 
 devices_lib.prepare_environment()  # before JAX starts a backend
 devices_lib.import_jax_quietly()
 
 from absl import app, flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 config_flags.DEFINE_config_file('config', 'configs/cuhk.py', 'Experiment config file (configs/*.py).',
                                 lock_config=True)
@@ -39,40 +38,7 @@ flags.DEFINE_enum('remat', 'both', ['both', 'off', 'on'], 'model.remat rows.')
 flags.DEFINE_bool('check', True, 'Compile once more at the largest budget\'s batch to check the fit.')
 flags.DEFINE_string('output', '', 'Write every figure as JSON here.')
 FLAGS = flags.FLAGS
-GB = 1e9
-
-
-def _ints(text: str, flag: str) -> list:
-  try:
-    values = [int(float(x)) for x in text.split(',') if x.strip()]
-  except ValueError:
-    raise ValueError(f'--{flag}={text!r}: expected comma-separated numbers') from None
-  if not values or min(values) <= 0:
-    raise ValueError(f'--{flag}={text!r}: expected positive numbers')
-  return values
-
-
-def fit_memory(batches, totals, quadratic: bool):
-  """Least-squares coefficients (c0, c1, c2) of memory = c0 + c1 B + c2 B^2 (c2 = 0 unless quadratic)."""
-  b = np.asarray(batches, np.float64)
-  cols = [np.ones_like(b), b] + ([b * b] if quadratic else [])
-  coef, *_ = np.linalg.lstsq(np.stack(cols, 1), np.asarray(totals, np.float64), rcond=None)
-  return tuple(coef) + ((0.0,) if not quadratic else ())
-
-
-def largest_batch(coef, budget: float, unit: int, limit: int = 1 << 20) -> int:
-  """The largest multiple of `unit` whose fitted memory is within `budget` (0 when none)."""
-  c0, c1, c2 = coef
-  if c2 > 0:
-    top = (-c1 + math.sqrt(max(c1 * c1 - 4 * c2 * (c0 - budget), 0.0))) / (2 * c2)
-  elif c1 > 0:
-    top = (budget - c0) / c1
-  else:
-    top = limit
-  n = int(min(top, limit)) // unit * unit
-  while n > 0 and c0 + c1 * n + c2 * n * n > budget:
-    n -= unit
-  return max(n, 0)
+GB = memory_fit.GB
 
 
 def main(argv) -> int:
@@ -82,9 +48,9 @@ def main(argv) -> int:
   from ivt_jax.planner import targets as targets_lib  # pylint: disable=g-import-not-at-top
   from ivt_jax.runtime import console  # pylint: disable=g-import-not-at-top
   console.quiet_libraries(FLAGS.verbosity)
-  budgets = _ints(FLAGS.budgets, 'budgets')
-  points = sorted(set(_ints(FLAGS.points, 'points')))
-  chunk_points = sorted(set(_ints(FLAGS.chunk_points, 'chunk_points')))
+  budgets = memory_fit.numbers(FLAGS.budgets, 'budgets', float)
+  points = sorted(set(memory_fit.numbers(FLAGS.points, 'points')))
+  chunk_points = sorted(set(memory_fit.numbers(FLAGS.chunk_points, 'chunk_points')))
   dtypes = [d.strip() for d in FLAGS.dtypes.split(',') if d.strip()]
   if len(points) < 3 or len(chunk_points) < 3:
     raise ValueError('--points and --chunk_points: three batches each are needed')
@@ -109,8 +75,8 @@ def main(argv) -> int:
           return p.memory['total']
 
         totals = [compiled(b) for b in pts]
-        coef = fit_memory(pts, totals, quadratic=bool(chunk))
-        best = {g: largest_batch(coef, g * GB, unit) for g in budgets}
+        coef = memory_fit.fit_memory(pts, totals, quadratic=bool(chunk))
+        best = {g: memory_fit.largest_batch(coef, g * GB, unit) for g in budgets}
         check = None
         for _ in range(3 if FLAGS.check else 0):
           top = best[max(budgets)]
@@ -119,20 +85,21 @@ def main(argv) -> int:
           got = compiled(top)
           fitted = coef[0] + coef[1] * top + coef[2] * top * top
           check = {'batch': top, 'compiled_gb': got / GB, 'fitted_gb': fitted / GB}
-          if abs(got - fitted) <= 0.02 * got:
+          if abs(got - fitted) <= 0.02 * got and got <= max(budgets) * GB:
             break
-          pts, totals = pts + [top], totals + [got]  # the fit was off: refit with this point
-          coef = fit_memory(pts, totals, quadratic=bool(chunk))
-          best = {g: largest_batch(coef, g * GB, unit) for g in budgets}
+          pts, totals = pts + [top], totals + [got]  # the fit was off (or over): refit with this point
+          coef = memory_fit.fit_memory(pts, totals, quadratic=bool(chunk))
+          best = {g: memory_fit.largest_batch(coef, g * GB, unit) for g in budgets}
+        best = memory_fit.within_compiled(best, pts, totals, unit)
         row = {'dtype': dtype, 'remat': 'on' if remat else 'off', 'chunk': chunk or '-'}
-        row.update({f'{g} GB': best[g] for g in budgets})
+        row.update({f'{g:g} GB': best[g] for g in budgets})
         if check is None:
           row['check'] = '-'
         else:
           row['check'] = f'{check["batch"]}: {check["compiled_gb"]:.2f} GB compiled, {check["fitted_gb"]:.2f} fitted'
         rows.append(row)
         figures.append({'dtype': dtype, 'remat': remat, 'chunk': chunk, 'points': pts,
-                        'totals_bytes': totals, 'coef': coef, 'largest': best, 'check': check})
+                        'totals_bytes': totals, 'coef': coef, 'largest': {f'{g:g}': n for g, n in best.items()}, 'check': check})
         print(console.table([row], list(row)), flush=True)
   print(f'\nlargest batch (samples; x3 pairs) whose compiled training step fits, {target.name}, '
         f'{FLAGS.config.data.image_size} stride {FLAGS.config.model.stride}:')
