@@ -4,7 +4,7 @@
 # it, model-FLOPs utilization at a filling batch, 10,000 x 1,000,000 top-10 retrieval and the input pipeline.
 # Prints markdown tables and writes them with every figure as JSON under --out (default gpu_benchmark_out/).
 #
-#   bash launch/gpu_benchmark.sh [--reference_repo=DIR] [--out=DIR] [--size=full|tiny] [--budget_s=480]
+#   bash launch/gpu_benchmark.sh [--reference_repo=DIR] [--out=DIR] [--size=full|tiny] [--budget_s=540]
 #
 # For a bare GPU machine without network: the packages it lacks come as wheels downloaded beforehand into
 # launch/wheels/ (the command is in launch/gpu_wheels.txt); they are installed into a private folder ($IVT_SITE,

@@ -64,6 +64,14 @@ def test_report_tables_and_ratio():
   assert '| xla attention | 96 x 3 | 900.0 | 41.0% |' in table
   assert '| top-10 of 10,000 queries over 1,000,000 images (768-d) | 0.500 s |' in table
   assert 'stopped at its time limit of 60 s' in table
+  assert '| uniform_mask | not run |' in table
+  f.update({'lesswork/fixed_remove/flops_xla': 9.0e11, 'lesswork/fixed_remove/step_s_median': 0.2,
+            'lesswork/fixed_remove/pairs_per_s': 420.0, 'lesswork/fixed_remove/compiled_total_bytes': 2 * 2 ** 30,
+            'lesswork/chunked/largest_fitted': 9000, 'lesswork/chunked/timed_batch': 2044,
+            'lesswork/chunked/largest/step_s_median': 4.0, 'lesswork/chunked/largest/pairs_per_s': 1533.0})
+  table = gpu_benchmark.report(f, {'date': '2026-11-30', 'size': 'full', 'seconds': 400, 'batch': 28})
+  assert '| fixed_remove | 900.0 | 200.0 | 420.0 | 2.00 |' in table
+  assert '| chunked: the largest batch that fits 9000 x 3 (fitted), timed at 2044 x 3 | | 4,000.0 | 1,533.0 |' in table
 
 
 def test_reference_harness_names_a_wrong_directory(tmp_path):
@@ -103,6 +111,12 @@ def test_the_script_runs_every_section_at_a_tiny_size(tmp_path):
   assert f['retrieval/s'] > 0 and f['pipeline/samples_per_s'] > 0
   assert f['loop/step_alone_steps_per_s'] > 0 and f['loop/loop_steps_per_s'] > 0
   assert f['reference/skipped']
+  for name in ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked'):
+    assert f[f'lesswork/{name}/pairs_per_s'] > 0 and f[f'lesswork/{name}/compiled_total_bytes'] > 0
+  assert f['lesswork/fixed_remove/flops_xla'] < f['lesswork/fixed_mask/flops_xla']
+  for name in ('fixed_remove', 'chunked'):
+    assert f[f'lesswork/{name}/largest_fitted'] >= f[f'lesswork/{name}/timed_batch'] > 0
+    assert f[f'lesswork/{name}/largest/pairs_per_s'] > 0
   table = open(out / 'gpu_benchmark.md').read()
   assert table in proc.stdout
   assert re.search(r'\| stride 12 \| float32 \| xla \| [\d,.]+ \| [\d,.]+ \| [\d.]+ \|', table), table

@@ -15,7 +15,14 @@ are kept as they come), in this order:
   pipeline   the Grain input pipeline at CUHK-PEDES's shapes (384x128 output, text 64, stride 12) on JPEG images
              (in-memory SynthPEDES drawn at --pipeline_image_hw) with --pipeline_workers workers: samples/s;
   loop       the training loop of configs/cuhk.py in bfloat16 (ivt_jax.bench.loop): the step alone, that
-             pipeline alone and the two together as ivt_jax.training.loop runs them, in steps/s.
+             pipeline alone and the two together as ivt_jax.training.loop runs them, in steps/s;
+  lesswork   the step with less work, bfloat16, stride 12 (ivt_jax.bench.variants): BMM masked (the reference's
+             drop count, and fixed drops), by token removal, and removal with the chunked contrastive gradient
+             (chunks of a quarter of it), each at the reference batch: step time, pairs/s, compiled memory;
+             then for removal without and with chunks the largest batch whose compiled step fits the device
+             (compiled memory fitted over three batches, ivt_jax.planner.memory_fit, read at 90% of the
+             device's memory; chunks of one reference batch) and the step time at it (at most 2,048 samples, so that the step stays seconds
+             long; halved on out-of-memory).
 Writes <out>/gpu_benchmark.json (every figure) and <out>/gpu_benchmark.md (the tables), and prints the tables.
 --size=tiny runs the same program on a tiny model and small sizes (the CPU check in CI).
 Packages: jax, flax, optax, numpy, pillow, sentencepiece and tokenizers are on the GPU machines; grain,
@@ -35,9 +42,10 @@ import tempfile
 import time
 from typing import Any, Callable
 
-SECTIONS = ('train', 'reference', 'mfu', 'retrieval', 'pipeline', 'loop')
+SECTIONS = ('train', 'reference', 'mfu', 'retrieval', 'pipeline', 'loop', 'lesswork')
 # Section time limits (seconds), scaled by --budget_s / 480 so that the whole run fits its budget.
-LIMITS = {'train': 200, 'reference': 70, 'mfu': 70, 'retrieval': 35, 'pipeline': 45, 'loop': 60}
+LIMITS = {'train': 200, 'reference': 70, 'mfu': 70, 'retrieval': 35, 'pipeline': 45, 'loop': 60, 'lesswork': 110}
+BUDGET_UNIT = float(sum(LIMITS.values()))  # --budget_s scales the limits to add up to it
 REQUIRED = {'jax': 'jax', 'flax': 'flax', 'optax': 'optax', 'numpy': 'numpy', 'PIL': 'pillow',
             'ml_collections': 'ml-collections', 'grain': 'grain', 'array_record': 'array-record',
             'nltk': 'nltk', 'sentencepiece': 'sentencepiece', 'tokenizers': 'tokenizers',
@@ -58,10 +66,12 @@ def missing_packages(required: dict[str, str] = REQUIRED) -> list[str]:
 def _sizes(size: str) -> dict[str, Any]:
   if size == 'full':
     return dict(ids=7, images_per_id=4, steps=10, warmup=3, mfu_batch=192, retrieval=(10_000, 1_000_000, 768),
-                pipeline_ids=64, pipeline_images_per_id=4, pipeline_batches=20, ref_steps=10, ref_warmup=3)
+                pipeline_ids=64, pipeline_images_per_id=4, pipeline_batches=20, ref_steps=10, ref_warmup=3,
+                largest_cap=2048)
   if size == 'tiny':
     return dict(ids=2, images_per_id=2, steps=2, warmup=1, mfu_batch=8, retrieval=(64, 3000, 64),
-                pipeline_ids=8, pipeline_images_per_id=2, pipeline_batches=2, ref_steps=2, ref_warmup=1)
+                pipeline_ids=8, pipeline_images_per_id=2, pipeline_batches=2, ref_steps=2, ref_warmup=1,
+                largest_cap=16)
   raise ValueError(f'--size must be full or tiny, got {size!r}')
 
 
@@ -235,8 +245,61 @@ def section_loop(size: str, emit, args) -> None:
         f'{f["loop/pipeline_alone_steps_per_s"]:.2f}, loop {f["loop/loop_steps_per_s"]:.2f} steps/s', flush=True)
 
 
+def _device_limit_bytes() -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (backends without memory stats)
+    stats = {}
+  return float(stats.get('bytes_limit') or 0) or 16 * GIB
+
+
+def section_lesswork(size: str, emit, args) -> None:
+  from ivt_jax.bench import step as benchmark  # pylint: disable=g-import-not-at-top
+  from ivt_jax.bench import variants  # pylint: disable=g-import-not-at-top
+  from ivt_jax.planner import memory_fit  # pylint: disable=g-import-not-at-top
+  from ivt_jax.training import setup as step_setup  # pylint: disable=g-import-not-at-top
+  s = _sizes(size)
+  batch = s['ids'] * s['images_per_id']
+  base = model_config(size, 12, 'bfloat16', 'xla')
+  f = variants.compare(base, batch, variants.VARIANTS, max(1, batch // 4), s['steps'], s['warmup'], log=lambda *a: None)
+  for k, v in f.items():
+    emit('lesswork/' + k[len('variant/'):], v)
+  print(variants.table(f, variants.VARIANTS), flush=True)
+  limit = 0.9 * _device_limit_bytes()
+  emit('lesswork/device_limit_bytes', limit / 0.9)
+  for name, points in (('fixed_remove', (1, 2, 4)), ('chunked', (4, 16, 64))):
+    c = variants.variant_config(base, name, batch)
+    pts = [batch * p for p in points]
+    totals = []
+    for b in pts:
+      _, compiled, _ = step_setup.compile_train_step(c, b)
+      totals.append(float(benchmark.compiled_memory(compiled)['total']))
+    coef = memory_fit.fit_memory(pts, totals, quadratic=name == 'chunked')
+    fitted = memory_fit.largest_batch(coef, limit, batch)
+    emit(f'lesswork/{name}/fit_points', pts)
+    emit(f'lesswork/{name}/fit_totals_bytes', totals)
+    emit(f'lesswork/{name}/largest_fitted', fitted)
+    top = min(fitted, s['largest_cap'] // batch * batch)  # the step is timed at most at the cap
+    while top >= batch:
+      try:
+        r = benchmark.benchmark_train(c, top, 2, 1, log=lambda *a: None)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
+          raise
+        top = (top // 2) // batch * batch
+    else:
+      emit(f'lesswork/{name}/largest_error', f'no batch of {batch} or more fits')
+      continue
+    emit(f'lesswork/{name}/timed_batch', top)
+    _emit_step_figures(emit, f'lesswork/{name}/largest', r, ('pairs_per_s', 'step_s_median', 'compiled_total_bytes'))
+    print(f'lesswork/{name}: the largest batch that fits {fitted} x 3 (fitted); at {top}: '
+          f'{r["train/pairs_per_s"]:.1f} pairs/s', flush=True)
+
+
 SECTION_FNS = {'loop': section_loop, 'train': section_train, 'reference': section_reference, 'mfu': section_mfu,
-               'retrieval': section_retrieval, 'pipeline': section_pipeline}
+               'retrieval': section_retrieval, 'pipeline': section_pipeline, 'lesswork': section_lesswork}
 
 
 def run_section(name: str, args) -> int:
@@ -349,6 +412,23 @@ def report(figures: dict[str, Any], meta: dict[str, Any]) -> str:
                      for k in ('step_alone', 'pipeline_alone', 'loop', 'loop_in_series')) + ' steps/s |')
   else:
     lines.append(f'| training loop | {g("loop/problem", "not run")} |')
+  lines += ['', f'| less work, bfloat16, stride 12, {b} x 3 pairs | GFLOP per step | step (ms) | pairs/s | compiled memory (GiB) |',
+            '|---|---|---|---|---|']
+  for name in ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked'):
+    n = f'lesswork/{name}'
+    if g(f'{n}/step_s_median') is None:
+      lines.append(f'| {name} | {(g("lesswork/problem") or "not run")[:120]} | | | |')
+      continue
+    flops, mem = g(f'{n}/flops_xla'), g(f'{n}/compiled_total_bytes')
+    lines.append(f'| {name} | {_fmt(flops / 1e9 if flops else None)} | {_fmt(g(f"{n}/step_s_median") * 1e3)} | '
+                 f'{_fmt(g(f"{n}/pairs_per_s"))} | {_fmt(mem / GIB if mem else None, digits=2)} |')
+  for name in ('fixed_remove', 'chunked'):
+    top, fitted = g(f'lesswork/{name}/timed_batch'), g(f'lesswork/{name}/largest_fitted')
+    if top:
+      mem = g(f'lesswork/{name}/largest/compiled_total_bytes')
+      lines.append(f'| {name}: the largest batch that fits {fitted} x 3 (fitted), timed at {top} x 3 | | '
+                   f'{_fmt((g(f"lesswork/{name}/largest/step_s_median") or math.nan) * 1e3)} | '
+                   f'{_fmt(g(f"lesswork/{name}/largest/pairs_per_s"))} | {_fmt(mem / GIB if mem else None, digits=2)} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -361,7 +441,7 @@ def orchestrate(args) -> int:
     return 2
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
-  scale = args.budget_s / 480.0
+  scale = args.budget_s / BUDGET_UNIT
   start = time.time()
   figures: dict[str, Any] = {}
   sections = [s for s in SECTIONS if s in args.sections.split(',')]
@@ -399,7 +479,7 @@ def main(argv=None) -> int:
   p.add_argument('--out', default='gpu_benchmark_out', help='where the JSON and markdown go')
   p.add_argument('--size', default='full', choices=('full', 'tiny'))
   p.add_argument('--sections', default=','.join(SECTIONS), help='comma-separated subset of ' + ','.join(SECTIONS))
-  p.add_argument('--budget_s', type=float, default=450.0, help='time for all sections together')
+  p.add_argument('--budget_s', type=float, default=540.0, help='time for all sections together')
   p.add_argument('--compile_workers', type=int, default=8, help='steps compiled at once in the train section')
   p.add_argument('--mfu_batch', type=int, default=0, help='samples per step for the MFU figure (0: 192)')
   p.add_argument('--pipeline_workers', type=int, default=-1, help='Grain workers (-1: min(16, cores))')
