@@ -10,11 +10,12 @@ temporaries - aliased + code) is fitted as a function of the batch, exactly affi
 activation scales with the batch) and quadratic with chunks (the objective's (3B)^2 similarity matrices are
 then what grows; fitted at the larger --chunk_points), and each budget's largest batch (a multiple of the batch
 unit: data.images_per_id, the chunk) is read from the fit. One more compile at the largest budget's batch checks
-the fit against the compiler (the `check` column); when they differ by more than 2% the point joins the fit and
-the batches are read again (twice at most). Budgets are in GB (1e9 bytes, as GPU memory is sold). The batch is in samples (x 3 MLA pairs).
+the fit against the compiler (the `check` column); when they differ by more than 2%, or the compiled step is
+over the budget, the point joins the fit and the batches are read again (twice at most); a compiled batch over
+a budget is never reported as fitting it. Budgets are in GB (1e9 bytes, as GPU memory is sold). The batch is
+in samples (x 3 MLA pairs).
 """
 import json
-import math
 
 from ivt_jax.planner import devices as devices_lib
 from ivt_jax.planner import memory_fit
@@ -64,7 +65,7 @@ def main(argv) -> int:
         c = FLAGS.config.copy_and_resolve_references()
         c.model.dtype, c.model.remat = dtype, remat
         c.train.contrastive_chunk = chunk
-        unit = math.lcm(plan_lib.batch_unit(c, len(devices)), chunk or 1)
+        unit = plan_lib.batch_unit(c, len(devices))  # whole identities and whole chunks
         pts = sorted({max(unit, p // unit * unit) for p in (chunk_points if chunk else points)})
         totals = []
 
