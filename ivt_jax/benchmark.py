@@ -157,4 +157,6 @@ if __name__ == '__main__':
   from absl import flags
   define_flags()
   flags.adopt_module_key_flags(sys.modules[__name__])  # --help lists them
+  from ivt_jax.runtime import host_memory
+  host_memory.reuse_step_memory()  # before any device exists
   cli.run_absl(main)

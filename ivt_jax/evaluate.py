@@ -52,6 +52,7 @@ def define_flags():
 
 
 if __name__ == '__main__':
-  from ivt_jax.runtime import cli
+  from ivt_jax.runtime import cli, host_memory
+  host_memory.reuse_step_memory()  # before any device exists
   define_flags()
   cli.run_absl(main)

@@ -75,5 +75,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from ivt_jax.runtime import cli
+  from ivt_jax.runtime import cli, host_memory
+  host_memory.reuse_step_memory()  # before any device exists
   cli.run_absl(main)
