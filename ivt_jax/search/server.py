@@ -30,13 +30,13 @@ import dataclasses
 import hmac
 import io
 import ipaddress
-import mimetypes
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
+from ivt_jax.search import api_schemas as schemas
 from ivt_jax.search import model as search_model
 from ivt_jax.search import state as serve_state
 
@@ -102,6 +102,7 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
   app = fastapi.FastAPI(title='ivt-jax search', description='Text-based person retrieval over an image index.',
                         version='1', lifespan=lifespan)
   app.state.holder, app.state.batcher, app.state.limits = holder, batcher, limits
+  app.add_exception_handler(fastapi.exceptions.RequestValidationError, schemas.validation_handler(limits))
 
   @app.middleware('http')
   async def guard(request: fastapi.Request, call_next):
@@ -121,19 +122,6 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     if token and request.query_params.get('token'):
       response.set_cookie(COOKIE, token, httponly=True, samesite='strict')
     return response
-
-  def checked_query(q: str) -> str:
-    if len(q) > limits.max_query_chars:
-      raise fastapi.HTTPException(422, f'query longer than {limits.max_query_chars} characters ({len(q)})')
-    if not q.strip():
-      raise fastapi.HTTPException(422, 'empty query: describe the person to find')
-    return q
-
-  def checked_page(k: int, offset: int) -> None:
-    if not 1 <= k <= limits.max_k:
-      raise fastapi.HTTPException(422, f'k must be 1..{limits.max_k}, got {k}')
-    if not 0 <= offset <= limits.max_offset:
-      raise fastapi.HTTPException(422, f'offset must be 0..{limits.max_offset}, got {offset}')
 
   async def embed_query(q: str) -> np.ndarray:
     try:
@@ -158,19 +146,23 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
 
   app.mount('/static', staticfiles.StaticFiles(directory=WEB_DIR), name='static')
 
-  @app.get('/api/search', summary='Images ranked for a description')
-  async def search(q: str = fastapi.Query(..., description='what the person looks like'),
-                   k: int = 20, offset: int = 0):
-    q = checked_query(q)
-    checked_page(k, offset)
+  Q = lambda description: fastapi.Query(..., min_length=1, max_length=limits.max_query_chars, pattern=r'\S',
+                                        description=description)
+  K = fastapi.Query(20, ge=1, le=limits.max_k, description='results per page')
+  OFFSET = fastapi.Query(0, ge=0, le=limits.max_offset, description='results skipped (paging)')
+
+  @app.get('/api/search', summary='Images ranked for a description', response_model=schemas.SearchPage,
+           responses=schemas.errors(413, 401, 503))
+  async def search(q: str = Q('what the person looks like'), k: int = K, offset: int = OFFSET):
     query = await embed_query(q)
     snap = holder.current()
     pairs = await run_in_threadpool(holder.rank, snap, query, offset, k)
     return page(snap, pairs, k, offset, query=q)
 
-  @app.get('/api/similar', summary='Images ranked by their likeness to an indexed image')
-  async def similar(id: int, k: int = 20, offset: int = 0):  # pylint: disable=redefined-builtin
-    checked_page(k, offset)
+  @app.get('/api/similar', summary='Images ranked by their likeness to an indexed image',
+           response_model=schemas.SimilarPage, responses=schemas.errors(404, 413, 401))
+  async def similar(id: int = fastapi.Query(..., ge=0, description='the row of an indexed image'),  # pylint: disable=redefined-builtin
+                    k: int = K, offset: int = OFFSET):
     snap = holder.current()
     if not 0 <= id < len(snap.index.embeddings):
       raise fastapi.HTTPException(404, f'no image {id}: the index holds {len(snap.index.embeddings)}')
@@ -185,17 +177,24 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     except PermissionError as e:
       raise fastapi.HTTPException(403, str(e)) from None
 
-  @app.get('/api/image/{row}', summary='The file of an indexed image')
-  async def image(row: int):
+  ROW = fastapi.Path(..., ge=0, description='the row of an indexed image')
+
+  @app.get('/api/image/{row}', summary='The file of an indexed image', response_class=responses.Response,
+           responses={200: schemas.content(schemas.IMAGE_TYPES.values(), 'the image file'),
+                      **schemas.errors(403, 404, 413, 401)})
+  async def image(row: int = ROW):
     path = file_of(row)
     if not os.path.isfile(path):
       raise fastapi.HTTPException(404, f'image {row} is no longer on disk')
-    media = mimetypes.guess_type(path)[0] or 'application/octet-stream'
+    media = schemas.IMAGE_TYPES.get(os.path.splitext(path)[1].lower())
+    if media is None:
+      raise fastapi.HTTPException(404, f'image {row} is not a file type the index holds')
     return responses.FileResponse(path, media_type=media)
 
-  @app.get('/api/match/{row}', summary='PNG: the image, its attention and the text-match map of a query')
-  async def match(row: int, q: str):
-    q = checked_query(q)
+  @app.get('/api/match/{row}', summary='PNG: the image, its attention and the text-match map of a query',
+           response_class=responses.Response,
+           responses={200: schemas.content(['image/png'], 'the figure'), **schemas.errors(403, 404, 413, 401)})
+  async def match(row: int = ROW, q: str = Q('the description to match')):
     path = file_of(row)
     def draw():
       from ivt_jax.search import attention_maps  # pylint: disable=g-import-not-at-top
@@ -209,7 +208,8 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
       raise fastapi.HTTPException(404, f'image {row} cannot be read now: {e}') from None
     return responses.Response(png, media_type='image/png')
 
-  @app.get('/api/info', summary='The index, the model, the limits and the counters')
+  @app.get('/api/info', summary='The index, the model, the limits and the counters',
+           responses=schemas.errors(413, 401))
   async def info():
     snap = holder.current()
     return {'images': len(snap.index.embeddings), 'index': holder.directory,

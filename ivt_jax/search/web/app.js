@@ -12,7 +12,9 @@ async function getJSON(url) {
   const response = await fetch(url, { credentials: 'same-origin' });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const detail = typeof body.detail === 'string' ? body.detail : JSON.stringify(body.detail || body);
+    const detail = typeof body.detail === 'string' ? body.detail
+      : Array.isArray(body.detail) ? body.detail.map((d) => d.msg || JSON.stringify(d)).join('; ')
+      : JSON.stringify(body.detail || body);
     throw new Error(`${response.status}: ${detail}`);
   }
   return body;
