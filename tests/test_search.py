@@ -271,3 +271,13 @@ def test_list_images_recursive_and_case_insensitive(tmp_path):
     path.write_bytes(b'')
   names = [os.path.relpath(p, tmp_path) for p in search.list_images(str(tmp_path))]
   assert names == ['a.JPG', 'b.jpeg', 'c.png', 'd.WebP', 'sub/deep/h.jpg', 'sub/g.png']
+
+
+def test_top_k_ranks_by_score_then_row_and_pages():
+  from ivt_jax.search import index as search_index
+  scores = np.array([0.5, 0.9, 0.5, 0.1, 0.9, 0.5], np.float32)
+  full = [1, 4, 0, 2, 5, 3]  # score descending, ties in row order
+  for start in range(0, 8):
+    for k in range(1, 8):
+      assert search_index.top_k(scores, start, k).tolist() == full[start:start + k], (start, k)
+  assert search_index.top_k(np.zeros((0,), np.float32), 0, 10).tolist() == []

@@ -51,7 +51,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import numpy as np
 
 from ivt_jax.search import index as search_index
 from ivt_jax.search import model as search_model
@@ -70,13 +69,8 @@ def search(model: search_model.LoadedModel, index: search_index.Index, texts: Se
     return [[] for _ in texts]
   q = search_model.embed_texts(model, texts)
   scores = q @ index.embeddings.T  # (Q, N)
-  k = min(int(top), scores.shape[1])
-  out = []
-  for row in scores:
-    part = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-    order = part[np.lexsort((part, -row[part]))]  # score descending, then row (path order)
-    out.append([(index.paths[i], float(row[i])) for i in order])
-  return out
+  # Score descending, then row (path order): the server's ranking (search_index.top_k).
+  return [[(index.path(i), float(row[i])) for i in search_index.top_k(row, 0, int(top))] for row in scores]
 
 
 def contact_sheet(results: Sequence[Sequence[tuple[str, float]]], texts: Sequence[str],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import os
@@ -73,9 +74,26 @@ class Index:
   manifest: dict
   embeddings: np.ndarray
 
-  @property
+  @functools.cached_property
   def paths(self) -> list[str]:
+    """Every row's file, built once per loaded index."""
     return [e['path'] for e in self.manifest['entries']]
+
+  def path(self, row: int) -> str:
+    """Row `row`'s file (no list built)."""
+    return self.manifest['entries'][row]['path']
+
+
+def top_k(scores: np.ndarray, start: int, k: int) -> np.ndarray:
+  """Rows ranked start..start+k-1 of a (N,) score vector, best first, ties in row order (the search command's
+  and the server's one ranking)."""
+  n = len(scores)
+  stop = min(n, start + k)
+  if start >= stop:
+    return np.zeros((0,), np.int64)
+  part = np.argpartition(-scores, stop - 1)[:stop] if stop < n else np.arange(n)
+  order = part[np.lexsort((part, -scores[part]))]
+  return order[start:stop]
 
 
 def load_index(directory: str) -> Index:

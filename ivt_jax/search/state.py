@@ -33,17 +33,6 @@ class Busy(RuntimeError):
   """Too much work is waiting; try again later."""
 
 
-def top_k(scores: np.ndarray, start: int, k: int) -> np.ndarray:
-  """Rows ranked start..start+k-1 of a (N,) score vector, best first, ties in row order."""
-  n = len(scores)
-  stop = min(n, start + k)
-  if start >= stop:
-    return np.zeros((0,), np.int64)
-  part = np.argpartition(-scores, stop - 1)[:stop] if stop < n else np.arange(n)
-  order = part[np.lexsort((part, -scores[part]))]
-  return order[start:stop]
-
-
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
   """One loaded index with what belongs to it; replaced whole, so a request never mixes two indexes."""
@@ -126,7 +115,7 @@ class IndexHolder:
     if exclude is not None:
       scores = scores.copy()
       scores[exclude] = -np.inf
-    rows = top_k(scores, start, k)
+    rows = search_index.top_k(scores, start, k)
     return [(int(r), float(scores[r])) for r in rows if np.isfinite(scores[r])]
 
   @staticmethod
