@@ -91,7 +91,12 @@ def top_k(scores: np.ndarray, start: int, k: int) -> np.ndarray:
   stop = min(n, start + k)
   if start >= stop:
     return np.zeros((0,), np.int64)
-  part = np.argpartition(-scores, stop - 1)[:stop] if stop < n else np.arange(n)
+  if stop < n:
+    # argpartition splits ties at the cut arbitrarily: take every row that scores at least the cut's score.
+    cut = scores[np.argpartition(-scores, stop - 1)[stop - 1]]
+    part = np.flatnonzero(scores >= cut)
+  else:
+    part = np.arange(n)
   order = part[np.lexsort((part, -scores[part]))]
   return order[start:stop]
 
