@@ -333,24 +333,58 @@ def test_the_page_in_headless_chromium(live, tmp_path):
 # ---- the approximate index -------------------------------------------------------------------------------------
 
 
-def test_approximate_index_behind_the_same_api(tiny_model, index_dir, client):  # noqa: F811
+@pytest.mark.parametrize('kind', ['ivf', 'hnsw'])
+def test_approximate_index_behind_the_same_api(tiny_model, index_dir, client, kind, tmp_path):  # noqa: F811
   from fastapi.testclient import TestClient
   from ivt_jax.search import ann as serve_ann
-  holder = serve_state.IndexHolder(index_dir, tiny_model, approximate=serve_ann.build, log=lambda _: None)
+  directory = str(tmp_path / 'index')
+  shutil.copytree(index_dir, directory)
+  said = []
+  holder = serve_state.IndexHolder(directory, tiny_model, approximate=serve_ann.for_index(kind, said.append),
+                                   log=lambda _: None)
+  saved = [f for f in os.listdir(directory) if f.startswith(f'ann-{kind}-')]
+  assert len(saved) == 1 and 'built' in said[-1], (saved, said)
   with TestClient(serve.create_app(holder)) as c:
     assert c.get('/api/info').json()['approximate'] is True
     for q in ('a man in a black jacket', 'a woman with a red bag'):
       got = c.get('/api/search', params={'q': q, 'k': 5, 'offset': 2}).json()['results']
       want = client.get('/api/search', params={'q': q, 'k': 5, 'offset': 2}).json()['results']
-      assert [r['id'] for r in got] == [r['id'] for r in want]  # a graph of 12 nodes finds everything
+      assert [r['id'] for r in got] == [r['id'] for r in want]  # 12 images: the approximate index finds all
       np.testing.assert_allclose([r['score'] for r in got], [r['score'] for r in want], atol=1e-5)
     similar = c.get('/api/similar', params={'id': 2, 'k': 4}).json()['results']
     assert 2 not in [r['id'] for r in similar] and len(similar) == 4
   holder.close()
+  again = serve_state.IndexHolder(directory, tiny_model, approximate=serve_ann.for_index(kind, said.append),
+                                  log=lambda _: None)
+  assert 'loaded' in said[-1] and again.current().ann.size == 12  # a restart loads it, no rebuild
+  again.close()
 
 
-def test_ann_benchmark_small():
+def test_a_deep_page_is_answered_exactly(holder):
+  class Shallow:
+    max_depth = 5
+    def search(self, query, n):
+      raise AssertionError(f'the approximate index was asked for {n} results')
+  snap = holder.current()
+  shallow = serve_state.Snapshot(snap.index, Shallow(), snap.real_roots)
+  query = snap.index.embeddings[0]
+  assert holder.rank(shallow, query, 6, 3) == holder.rank(snap, query, 6, 3)
+  with pytest.raises(AssertionError, match='asked for 5'):
+    holder.rank(shallow, query, 2, 3)
+
+
+def test_ann_benchmark_small(tmp_path, capsys):
   from ivt_jax.tools import ann_benchmark
-  r = ann_benchmark.run(images=3000, dim=32, queries=50, identities=300)
-  assert r['recall@10'] >= 0.95 and r['hnsw_p50_ms'] > 0 and r['exact_p50_ms'] > 0
-  assert '| 3,000 x 32 |' in ann_benchmark.table(r)
+  x, q = ann_benchmark.gallery(4000, 64, 60)
+  r = ann_benchmark.run(x, q)
+  assert r['ivf']['recall@10'] >= 0.95 and r['hnsw']['recall@10'] >= 0.9, r
+  assert r['ivf']['p50_ms'] > 0 and r['exact']['p50_ms'] > 0 and r['ivf']['queries_per_s'] > 0
+  assert '| ivf |' in ann_benchmark.table(r) and '4,000 x 64' in ann_benchmark.table(r)
+  np.save(tmp_path / 'x.npy', x)
+  np.save(tmp_path / 'q.npy', q[:20])
+  assert ann_benchmark.main([f'--vectors={tmp_path / "x.npy"}', f'--queries_file={tmp_path / "q.npy"}',
+                             '--kinds=ivf', f'--json={tmp_path / "r.json"}']) == 0
+  assert '| ivf |' in capsys.readouterr().out and (tmp_path / 'r.json').exists()
+  np.save(tmp_path / 'bad.npy', np.zeros((5,), np.float32))
+  with pytest.raises(ValueError, match='expected a .N, D. array'):
+    ann_benchmark.main([f'--vectors={tmp_path / "bad.npy"}', f'--queries_file={tmp_path / "q.npy"}'])

@@ -1,7 +1,7 @@
 """A search page and JSON API over an image index: type a description, see the people.
 
   python -m ivt_jax.serve --index=DIR [--checkpoint=...] [--host=127.0.0.1] [--port=8000] [--token=...]
-      [--approximate=hnsw]
+      [--approximate=ivf|hnsw]
 
 The page (/) has a text box and shows the results as a grid (rank, score, file name) with paging; clicking an
 image shows it large beside the query's text-match map (ivt_jax.search.attention_maps) and offers "more like this".
@@ -18,8 +18,9 @@ every request must carry (`Authorization: Bearer TOKEN`, or open the page once a
 cookie). Files are named by row number only and sent only when they are in the index and resolve inside the
 indexed folders. Query length, k, offset, request size and waiting work are limited, each with a clear 4xx/503.
 The index may be rebuilt or updated while serving (`python -m ivt_jax.search index ...`): the new one is picked
-up within a second (ivt_jax/search/state.py). Search is exact (every embedding scored) unless
---approximate=hnsw asks for a faiss HNSW graph (ivt_jax/search/ann.py) for galleries of millions.
+up within a second (ivt_jax/search/state.py). Search is exact (every embedding scored) unless --approximate asks
+for a faiss index (ivt_jax/search/ann.py: IVF with a float rerank, or HNSW) for galleries of millions, saved beside
+the index and loaded from there next time; pages deeper than 1000 results stay exact.
 """
 from __future__ import annotations
 
@@ -230,8 +231,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--host', default='127.0.0.1', help='address to bind (another than loopback needs a token)')
   p.add_argument('--port', type=int, default=8000)
   p.add_argument('--token', default='', help=f'required of every request (default: ${TOKEN_ENV})')
-  p.add_argument('--approximate', choices=('', 'hnsw'), default='',
-                 help='search an approximate index (faiss HNSW; ivt_jax/search/ann.py) instead of every embedding')
+  p.add_argument('--approximate', choices=('', 'ivf', 'hnsw'), default='',
+                 help='search an approximate index (faiss IVF with a float rerank, or HNSW; ivt_jax/search/ann.py), '
+                      'saved beside the index, instead of every embedding')
   args = p.parse_args(argv)
   args.token = args.token or os.environ.get(TOKEN_ENV, '')
   if not is_loopback(args.host) and not args.token:
@@ -248,9 +250,9 @@ def load(args: argparse.Namespace, log=print) -> serve_state.IndexHolder:
   directory = paths.resolve(args.index, '--index')
   model = search_index.model_for_index(search_index.load_index(directory), args.checkpoint, args.config)
   approximate = None
-  if args.approximate == 'hnsw':
+  if args.approximate:
     from ivt_jax.search import ann as serve_ann  # pylint: disable=g-import-not-at-top
-    approximate = serve_ann.build
+    approximate = serve_ann.for_index(args.approximate, log)
   return serve_state.IndexHolder(directory, model, approximate=approximate, log=log)
 
 

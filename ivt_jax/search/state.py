@@ -45,7 +45,7 @@ class IndexHolder:
   """The served index, reloaded when its manifest changes (see the module docstring)."""
 
   def __init__(self, directory: str, model: search_model.LoadedModel, check_every_s: float = 1.0,
-               approximate: Optional[Callable[[np.ndarray], object]] = None, log: Callable[[str], None] = print):
+               approximate: Optional[Callable[[search_index.Index], object]] = None, log: Callable[[str], None] = print):
     self.directory = directory
     self.model = model
     self.check_every_s = max(0.01, float(check_every_s))
@@ -72,7 +72,7 @@ class IndexHolder:
     stamp = self._manifest_stamp()
     index = search_index.load_index(self.directory)
     search_index.check_identity(index, self.model)
-    ann = self._approximate(index.embeddings) if self._approximate and len(index.embeddings) else None
+    ann = self._approximate(index) if self._approximate and len(index.embeddings) else None
     self._stamp = stamp
     return Snapshot(index, ann, tuple(os.path.realpath(r) for r in index.manifest.get('roots', [])))
 
@@ -107,8 +107,9 @@ class IndexHolder:
     index, ann = snap.index, snap.ann
     if len(index.embeddings) == 0:
       return []
-    if ann is not None:
-      rows, scores = ann.search(query, start + k + (exclude is not None))
+    depth = start + k + (exclude is not None)
+    if ann is not None and depth <= ann.max_depth:  # a deeper page goes exact: the width never follows offset
+      rows, scores = ann.search(query, depth)
       pairs = [(int(r), float(s)) for r, s in zip(rows, scores) if r >= 0 and r != exclude]
       return pairs[start:start + k]
     scores = index.embeddings @ query
