@@ -193,15 +193,16 @@ def test_training_in_a_bucket(gcs, tmp_path, monkeypatch):
                       f'--out={local_index}', '--batch=4']) == 0
   in_bucket, on_disk = search.load_index(index_dir), search.load_index(local_index)
   assert in_bucket.paths == on_disk.paths and len(in_bucket.paths) > 0
-  np.testing.assert_array_equal(in_bucket.embeddings, on_disk.embeddings)
+  np.testing.assert_array_equal(in_bucket.dense(), on_disk.dense())
+  assert not isinstance(in_bucket.shards[0].embeddings, np.memmap)  # read from the bucket, not mapped
   sheet = f'gs://{BUCKET}/sheet.png'
   assert search.main(['query', f'--index={index_dir}', 'a man in a blue shirt', '--sheet', sheet]) == 0
   assert paths.read_bytes(sheet)[:4] == b'\x89PNG'
   holder = serve_state.IndexHolder(index_dir, search.load_model(workdir), check_every_s=3600)
   try:
-    before = holder._manifest_stamp()  # pylint: disable=protected-access
+    before = holder._header_stamp()  # pylint: disable=protected-access
     assert search.main(['index', f'--checkpoint={workdir}', f'--images={folder}', f'--out={index_dir}',
                         '--rebuild']) == 0
-    assert holder._manifest_stamp() != before  # pylint: disable=protected-access
+    assert holder._header_stamp() != before  # pylint: disable=protected-access
   finally:
     holder.close()

@@ -373,7 +373,7 @@ def test_search_odd_but_valid_images_indexed_like_their_plain_versions(hostile_f
   index = search.load_index(index_dir)
   plain = {'side.png': encode(exif_rotated()[1]), 'cmyk.jpg': ODD_IMAGES[0](), 'tiny.png': ODD_IMAGES[6]()}
   for name, data in plain.items():
-    row = index.embeddings[index.paths.index(str(folder / name))]
+    row = index.vector(index.live_rows[index.paths.index(str(folder / name))])
     expected = search.embed_images(tiny_model, augment.eval_image(data, tiny_model.image_size)[None])[0]
     np.testing.assert_allclose(row, expected, atol=1e-5, err_msg=name)
 

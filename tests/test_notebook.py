@@ -58,7 +58,7 @@ def test_notebook_runs_at_tiny_size(tmp_path, monkeypatch):
   images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if 'image/png' in o.get('data', {})]
   assert len(images) == 3  # retrieval picture, search contact sheet, attention map
   for name in ('metrics.json', 'retrieval.png', 'search_sheet.png', 'attention_map.png',
-               'search_index/manifest.json'):
+               'search_index/index.json'):
     assert (workdir / name).exists(), name
-  manifest = json.loads((workdir / 'search_index' / 'manifest.json').read_text())
+  manifest = json.loads((workdir / 'search_index' / 'index.json').read_text())
   assert manifest['stats']['images'] == len(os.listdir(workdir / 'synthpedes' / 'imgs' / 'test'))

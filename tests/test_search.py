@@ -94,11 +94,12 @@ def test_index_matches_evaluation_gallery_and_query(tiny_run, tiny_model, tmp_pa
   files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
   index = search.load_index(out)
   assert index.paths == files
-  assert index.manifest['identity'] == tiny_model.identity
-  assert index.manifest['unreadable'] == []
+  assert index.header['identity'] == tiny_model.identity
+  assert index.unreadable == [] and index.version == 2
   d = tiny_model.config.model.width
-  assert index.embeddings.shape == (len(files), d) and index.embeddings.dtype == np.float32
-  np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-5)
+  assert [s.embeddings.dtype for s in index.shards] == [np.float32] and isinstance(index.shards[0].embeddings, np.memmap)
+  assert index.dense().shape == (len(files), d)
+  np.testing.assert_allclose(np.linalg.norm(index.dense(), axis=1), 1.0, atol=1e-5)
 
   # The same vectors as the evaluation gallery of the test split (same preprocessing, same model).
   cfg, prepared, tok, encoder, mesh, abstract, shardings = evaluate.build(tiny_model.config, workdir)
@@ -110,7 +111,7 @@ def test_index_matches_evaluation_gallery_and_query(tiny_run, tiny_model, tmp_pa
     by_name[os.path.basename(prepare.decode_example(source[int(i)])['image_path'])] = emb['image_emb'][row]
   assert sorted(by_name) == [os.path.basename(p) for p in files]
   gallery = np.stack([by_name[os.path.basename(p)] for p in files])
-  np.testing.assert_allclose(index.embeddings, gallery, atol=2e-5)
+  np.testing.assert_allclose(index.dense(), gallery, atol=2e-5)
 
   # Query: ranked files with the dot-product scores, best first; a contact sheet.
   capsys.readouterr()
@@ -122,7 +123,7 @@ def test_index_matches_evaluation_gallery_and_query(tiny_run, tiny_model, tmp_pa
   rows = [re.match(r'^\s*(\d+)\s+([+-]\d\.\d{4})\s+(\S.*)$', line) for line in printed[1:6]]
   assert all(rows), printed
   q = search.embed_texts(tiny_model, [text])[0]
-  want = index.embeddings @ q
+  want = index.dense() @ q
   order = np.argsort(-want, kind='stable')[:5]
   assert [r.group(3) for r in rows] == [files[i] for i in order]
   np.testing.assert_allclose([float(r.group(2)) for r in rows], want[order], atol=1e-4)
@@ -169,17 +170,18 @@ def test_unreadable_files_skipped_and_incremental_update(tiny_run, tiny_model, t
   assert any('unreadable, skipped' in line and 'notes.jpg' in line for line in lines)
   index = search.load_index(out)
   assert index.paths == sorted(good)
-  assert sorted(u['path'] for u in index.manifest['unreadable']) == sorted(bad)
+  assert sorted(u['path'] for u in index.unreadable) == sorted(bad)
   # Preprocessed as the gallery: the row of each file is the model's embedding of eval_image(file).
   direct = search.embed_images(tiny_model, np.stack([search.load_image(p, tiny_model.image_size)
                                                      for p in index.paths]))
-  np.testing.assert_allclose(index.embeddings, direct, atol=2e-5)
+  np.testing.assert_allclose(index.dense(), direct, atol=2e-5)
 
   # Nothing changed: nothing embedded, unreadable files listed but not retried.
   second = search.build_index(tiny_model, str(folder), out, batch_size=2, log=log)
   assert (second['embedded'], second['unchanged'], second['removed']) == (0, len(good), 0)
   assert second['new_unreadable'] == [] and len(second['unreadable']) == len(bad)
-  np.testing.assert_array_equal(search.load_index(out).embeddings, index.embeddings)
+  np.testing.assert_array_equal(search.load_index(out).dense(), index.dense())
+  assert [s.name for s in search.load_index(out).shards] == [s.name for s in index.shards]  # nothing rewritten
 
   # One new file, one changed file, one removed file, one broken file repaired.
   new = str(folder / 'nested' / 'f.png')
@@ -195,13 +197,22 @@ def test_unreadable_files_skipped_and_incremental_update(tiny_run, tiny_model, t
   assert sorted(u['path'] for u in third['unreadable']) == sorted(set(bad) - {str(folder / 'empty.png')})
   updated = search.load_index(out)
   expect = sorted(set(good) - {good[1]} | {new, str(folder / 'empty.png')})
-  assert updated.paths == expect
-  for p in set(good) - {good[0], good[1]}:  # untouched rows are carried over bit for bit
-    np.testing.assert_array_equal(updated.embeddings[updated.paths.index(p)],
-                                  index.embeddings[index.paths.index(p)])
+  assert sorted(updated.paths) == expect and len(set(updated.paths)) == len(expect)
+  # The old shards are kept as they were; the changed and the removed file's old rows are deleted, the new
+  # embeddings are in a new shard.
+  assert [s.name for s in updated.shards[:len(index.shards)]] == [s.name for s in index.shards]
+  assert len(updated.shards) == len(index.shards) + 1  # the 3 embedded in one shard (one per 5000)
+  row_of = {updated.path(int(r)): int(r) for r in updated.live_rows}
+  old_row = {index.path(int(r)): int(r) for r in index.live_rows}
+  assert sorted(updated.deleted.tolist()) == sorted([old_row[good[0]], old_row[good[1]]])
+  for p in set(good) - {good[0], good[1]}:  # untouched rows are carried over bit for bit, at the same row
+    assert row_of[p] == old_row[p]
+    np.testing.assert_array_equal(updated.vector(row_of[p]), index.vector(old_row[p]))
   want = search.embed_images(tiny_model, search.load_image(good[0], tiny_model.image_size)[None])[0]
-  np.testing.assert_allclose(updated.embeddings[updated.paths.index(good[0])], want, atol=2e-5)
-  assert [f for f in os.listdir(out) if f.endswith('.npy')] == [updated.manifest['embeddings']]
+  np.testing.assert_allclose(updated.vector(row_of[good[0]]), want, atol=2e-5)
+  assert not updated.is_live(old_row[good[0]]) and np.isneginf(updated.scores(want)[old_row[good[0]]])
+  header_files = {s.name + e for s in updated.shards for e in ('.npy', '.parquet')}
+  assert set(os.listdir(os.path.join(out, 'shards'))) == header_files
 
   # Files indexed from another folder are kept when this one is updated.
   other = tmp_path / 'other'
@@ -210,7 +221,7 @@ def test_unreadable_files_skipped_and_incremental_update(tiny_run, tiny_model, t
   search.build_index(tiny_model, str(other), out, log=log)
   search.build_index(tiny_model, str(folder), out, log=log)
   assert str(other / 'g.png') in search.load_index(out).paths
-  assert len(search.load_index(out).manifest['roots']) == 2
+  assert len(search.load_index(out).header['roots']) == 2
 
 
 def test_index_from_another_model_or_tokenizer_refused(tiny_run, tiny_model, tmp_path, capsys):
@@ -239,7 +250,7 @@ def test_index_from_another_model_or_tokenizer_refused(tiny_run, tiny_model, tmp
   # --rebuild replaces it.
   result = search.build_index(other, folder, out, rebuild=True, log=lambda _: None)
   assert result['embedded'] == len(os.listdir(folder))
-  assert search.load_index(out).manifest['identity'] == other.identity
+  assert search.load_index(out).header['identity'] == other.identity
   # A tokenizer that is not the checkpoint's is refused before anything is embedded.
   spm = tokenizers.train_sentencepiece(['a red coat and blue jeans', 'a man with a black bag'] * 20,
                                        str(tmp_path / 'spm' / 'other'), 30)
@@ -247,7 +258,7 @@ def test_index_from_another_model_or_tokenizer_refused(tiny_run, tiny_model, tmp
     search.load_model(workdir, tokenizer_path=spm, tokenizer_kind='sentencepiece')
   # An index built with another tokenizer identity is refused, naming the tokenizer.
   index = search.load_index(out)
-  index.manifest['identity'] = dict(index.manifest['identity'], tokenizer='sentencepiece:sha256:0', fingerprint='x')
+  index.header['identity'] = dict(index.header['identity'], tokenizer='sentencepiece:sha256:0', fingerprint='x')
   with pytest.raises(search.IdentityMismatchError, match='tokenizer sentencepiece:sha256:0'):
     search.check_identity(index, other)
 

@@ -1,8 +1,11 @@
 """Search a folder of images by text with a trained model.
 
-  python -m ivt_jax.search index --checkpoint=DIR --images=FOLDER --out=INDEX [--batch=64]
+  python -m ivt_jax.search index --checkpoint=DIR --images=FOLDER --out=INDEX [--batch=64] [--dtype=float16]
   python -m ivt_jax.search query --index=INDEX "a man in a grey hoodie with a black backpack" [--top=10]
       [--sheet=results.png]
+  python -m ivt_jax.search compact --index=INDEX [--shard_rows=1048576] [--dtype=float16]
+  python -m ivt_jax.search convert --index=INDEX     (a first-format index, manifest.json, to this format)
+  python -m ivt_jax.search ann --index=INDEX [--kind=ivf|hnsw] [--rebuild]
 
 `index` embeds every image under FOLDER (recursively; .jpg .jpeg .png .webp, any case) in batches sharded
 over all local devices, preprocessed exactly as the evaluation gallery (`augment.eval_image`: a bilinear
@@ -22,14 +25,15 @@ or data.vocab_file for WordPiece. --config=FILE and --tokenizer=PATH --tokenizer
 (for a checkpoint saved without a config, or a vocabulary that moved). `query` uses the checkpoint and
 tokenizer recorded in the index unless --checkpoint / --tokenizer are given.
 
-INDEX is a directory:
-  manifest.json           format, version, the model identity, the model's config, tokenizer, checkpoint,
-                          the indexed roots, 'entries' [{path, size, mtime_ns}] (row i of the embeddings),
-                          'unreadable' [{path, size, mtime_ns, error}], 'stats' {images, dim, unreadable,
-                          updated}
-  embeddings-<id>.npy     float32 (N, D) image embeddings (`evaluate.Embedder.images`: L2-normalized CLS
-                          vectors, or the part head's composite vectors), named by the manifest (written
-                          before the manifest, so an interrupted run leaves the last good index)
+INDEX is a directory (ivt_jax/search/store.py): index.json (a small header: the model identity, config,
+tokenizer and checkpoint, the indexed roots, the shards in row order, the deleted rows' file), shards/<name>.npy
+(float32 or float16 (n, D) image embeddings, `evaluate.Embedder.images`: L2-normalized CLS vectors, or the part
+head's composite vectors; memory-mapped when read) with shards/<name>.parquet (their rows: path, size,
+mtime_ns and the columns of video frames). An update writes new shards (every 5,000 images: a killed run loses
+at most those since its last shard, and the next run adopts the finished ones) and then a new header; old shards
+are never rewritten: a changed or vanished file's row is listed as deleted until `compact` rewrites the live
+rows. `ann` builds or updates the saved approximate index (INDEX/ann/) that `ivt_jax.serve --approximate` uses.
+A first-format index (manifest.json) is read as it is, converted by `convert`, and converted on its next update.
 
 A query's score is the plain dot product of its text embedding with each row, as in evaluation.
 
@@ -38,7 +42,11 @@ The model identity is a fingerprint of the parameters, of config.model (without 
 identity(); `index` and `query` refuse an index whose identity differs from their model's, naming the parts
 that differ.
 
-Runs in one process, on all its local devices.
+Runs in one process on all its local devices, or in several (one per host) under jax.distributed:
+`index --coordinator_address=HOST:PORT --num_processes=N --process_id=I` on every host (or `--distributed` where
+jax finds them itself, as on Cloud TPU VMs), each embedding every N-th file to embed with its own devices and
+writing its own shards into the shared INDEX; process 0 writes the header at the end. A process killed loses at
+most its images since its last shard.
 
 Modules: ivt_jax.search.model loads the model and embeds, ivt_jax.search.index builds and loads indexes; this
 module ranks (`search`), draws the contact sheet and runs the command line. The package (`from ivt_jax import
@@ -51,9 +59,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
 
+from input_pipeline import paths
 from ivt_jax.search import index as search_index
 from ivt_jax.search import model as search_model
+from ivt_jax.search import store as search_store
 from ivt_jax.runtime import cli as cli_lib
 
 
@@ -65,12 +76,13 @@ def search(model: search_model.LoadedModel, index: search_index.Index, texts: Se
   empty = [i for i, t in enumerate(texts) if not str(t).strip()]
   if empty:
     raise ValueError(f'query {empty[0] + 1} is empty: a query describes the person to find')
-  if len(index.embeddings) == 0:
+  if index.live == 0:
     return [[] for _ in texts]
   q = search_model.embed_texts(model, texts)
-  scores = q @ index.embeddings.T  # (Q, N)
+  scores = index.scores(q)  # (Q, N) over the memory-mapped shards; deleted rows -inf
   # Score descending, then row (path order): the server's ranking (search_index.top_k).
-  return [[(index.path(i), float(row[i])) for i in search_index.top_k(row, 0, int(top))] for row in scores]
+  return [[(index.path(i), float(row[i])) for i in search_index.top_k(row, 0, int(top)) if np.isfinite(row[i])]
+          for row in scores]
 
 
 def contact_sheet(results: Sequence[Sequence[tuple[str, float]]], texts: Sequence[str],
@@ -116,13 +128,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--batch', type=int, default=64, help='images per batch (rounded to the device count)')
   p.add_argument('--workers', type=int, default=0, help='image decoding threads (0: min(8, CPUs))')
   p.add_argument('--rebuild', action='store_true', help='discard an existing index in --out')
+  p.add_argument('--dtype', default='float32', choices=search_store.DTYPES, help='of the new shards\' embeddings')
+  p.add_argument('--save_every', type=int, default=5000, help='images per shard (a killed run loses at most these)')
+  p.add_argument('--coordinator_address', default='', help='HOST:PORT of process 0 (jax.distributed: several hosts)')
+  p.add_argument('--num_processes', type=int, default=1)
+  p.add_argument('--process_id', type=int, default=0)
+  p.add_argument('--distributed', action='store_true', help='jax.distributed.initialize() with what jax finds')
+  p.add_argument('--cpu_collectives', default='', help="CPU processes on one machine (a test setting): 'gloo'")
   q = sub.add_parser('query', help='rank the indexed images for text queries')
   q.add_argument('--index', required=True, help='index directory')
   q.add_argument('texts', nargs='+', help='query texts')
   q.add_argument('--top', type=int, default=10, help='results per query')
   q.add_argument('--sheet', default='', help='write a PNG contact sheet of the results here')
   _add_model_flags(q, required=False)
+  c = sub.add_parser('compact', help='rewrite the live rows into new shards (deleted rows dropped)')
+  c.add_argument('--index', required=True, help='index directory')
+  c.add_argument('--shard_rows', type=int, default=1 << 20, help='rows per new shard')
+  c.add_argument('--dtype', default='', choices=('',) + search_store.DTYPES, help='default: as stored')
+  v = sub.add_parser('convert', help='rewrite a first-format index (manifest.json) in this format')
+  v.add_argument('--index', required=True, help='index directory')
+  a = sub.add_parser('ann', help='build or update the saved approximate index (for ivt_jax.serve --approximate)')
+  a.add_argument('--index', required=True, help='index directory')
+  a.add_argument('--kind', default='ivf', choices=('ivf', 'hnsw'))
+  a.add_argument('--rebuild', action='store_true', help='build it anew even when a saved one can be updated')
   args = parser.parse_args(argv)
+  if args.command == 'index' and args.save_every < 1:
+    parser.error(f'--save_every must be >= 1, got {args.save_every}')
+  if args.command == 'index' and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+    parser.error(f'--process_id={args.process_id} must be in 0..--num_processes-1 ({args.num_processes - 1})')
+  if args.command == 'compact' and args.shard_rows < 1:
+    parser.error(f'--shard_rows must be >= 1, got {args.shard_rows}')
   if args.command == 'index' and args.batch < 1:
     parser.error(f'--batch must be >= 1, got {args.batch}')
   if args.command == 'query' and args.top < 1:
@@ -138,15 +173,42 @@ def _log(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
 
+def _distributed(args: argparse.Namespace) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
+  if args.coordinator_address:
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  if args.command in ('compact', 'convert'):
+    run = search_store.compact if args.command == 'compact' else search_store.convert
+    kwargs = {'shard_rows': args.shard_rows, 'dtype': args.dtype} if args.command == 'compact' else {}
+    result = run(paths.resolve(args.index, '--index'), log=_log, **kwargs)
+    print(f'{result["rows"]} images in {result["shards"]} shard(s) in {args.index} ({result["deleted"]} deleted '
+          'rows dropped)')
+    return 0
+  if args.command == 'ann':
+    from ivt_jax.search import ann as search_ann  # pylint: disable=g-import-not-at-top
+    index = search_index.load_index(args.index)
+    if not index.live:
+      raise ValueError(f'{args.index} holds no images: nothing to build an approximate index over')
+    ann = search_ann.ensure(index, args.kind, rebuild=args.rebuild, log=_log)
+    print(f'approximate index ({args.kind}) over {ann.size} images: {search_ann.saved_paths(index.directory, args.kind)[0]}')
+    return 0
   config = search_model.load_config_file(args.config) if args.config else None
   if args.command == 'index':
+    _distributed(args)
     model = search_model.load_model(args.checkpoint, config, args.tokenizer, args.tokenizer_kind)
     _log(f'model {model.checkpoint} (step {model.meta.get("step")}), identity {model.identity["fingerprint"]}, '
          f'{model.mesh.size} device(s)')
     result = search_index.build_index(model, args.images, args.out, batch_size=args.batch,
-                                      workers=args.workers or None, rebuild=args.rebuild, log=_log)
+                                      workers=args.workers or None, rebuild=args.rebuild,
+                                      save_every=args.save_every, dtype=args.dtype, log=_log)
     for u in result['unreadable']:
       print(f'unreadable: {u["path"]} ({u["error"]})')
     print(f'{result["images"]} images indexed in {os.path.abspath(args.out)} ({result["embedded"]} embedded '

@@ -173,10 +173,11 @@ def model_identity(params, config: ml_collections.ConfigDict, tokenizer_identity
 
 
 def _search_mesh_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """All local devices on the batch axis; the training's fsdp size when it divides the device count."""
+  """This process's devices on the batch axis (under jax.distributed each process embeds on its own); the
+  training's fsdp size when it divides their count."""
   config = ml_collections.ConfigDict(config.to_dict())
   fsdp = int(config.mesh.fsdp)
-  config.mesh.fsdp = fsdp if fsdp >= 1 and jax.device_count() % fsdp == 0 else 1
+  config.mesh.fsdp = fsdp if fsdp >= 1 and jax.local_device_count() % fsdp == 0 else 1
   config.mesh.data = -1
   return config
 
@@ -215,7 +216,7 @@ def load_model(checkpoint: str, config: Optional[ml_collections.ConfigDict] = No
   config.model.vocab_size = int(tokenizer.vocab_size)
   config = _search_mesh_config(config)
   encoder = heads.build(config)
-  mesh = sharding_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config, jax.local_devices())
   abstract = jax.eval_shape(lambda: model_lib.init_module_params(encoder, jax.random.key(0)))
   shardings = sharding_lib.param_shardings(abstract, mesh)
   params, restored_meta = checkpoints.restore_params(checkpoint, abstract, shardings)

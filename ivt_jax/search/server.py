@@ -20,7 +20,8 @@ indexed folders. Query length, k, offset, request size and waiting work are limi
 The index may be rebuilt or updated while serving (`python -m ivt_jax.search index ...`): the new one is picked
 up within a second (ivt_jax/search/state.py). Search is exact (every embedding scored) unless --approximate asks
 for a faiss index (ivt_jax/search/ann.py: IVF with a float rerank, or HNSW) for galleries of millions, saved beside
-the index and loaded from there next time; pages deeper than 1000 results stay exact.
+the index (INDEX/ann/), loaded and brought up to date from there next time; pages deeper than 1000 results stay
+exact.
 """
 from __future__ import annotations
 
@@ -133,13 +134,13 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
 
   def page(snap, pairs, k, offset, **extra):
     index = snap.index
-    roots = index.manifest.get('roots', [])
+    roots = index.header.get('roots', [])
     def name(path):
       root = next((r for r in roots if path.startswith(r.rstrip(os.sep) + os.sep)), '')
       return os.path.relpath(path, root) if root else os.path.basename(path)
     results = [{'rank': offset + i + 1, 'id': row, 'score': round(score, 6),
-                'name': name(index.manifest['entries'][row]['path'])} for i, (row, score) in enumerate(pairs)]
-    return {**extra, 'total': len(index.embeddings), 'offset': offset, 'k': k, 'results': results}
+                'name': name(index.path(row))} for i, (row, score) in enumerate(pairs)]
+    return {**extra, 'total': index.live, 'offset': offset, 'k': k, 'results': results}
 
   @app.get('/', include_in_schema=False)
   async def home():
@@ -165,9 +166,10 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
   async def similar(id: int = fastapi.Query(..., ge=0, description='the row of an indexed image'),  # pylint: disable=redefined-builtin
                     k: int = K, offset: int = OFFSET):
     snap = holder.current()
-    if not 0 <= id < len(snap.index.embeddings):
-      raise fastapi.HTTPException(404, f'no image {id}: the index holds {len(snap.index.embeddings)}')
-    pairs = await run_in_threadpool(holder.rank, snap, snap.index.embeddings[id], offset, k, id)
+    if not snap.index.is_live(id):
+      raise fastapi.HTTPException(404, f'no image {id}: the index numbers 0..{len(snap.index) - 1} and holds '
+                                  f'{snap.index.live}')
+    pairs = await run_in_threadpool(holder.rank, snap, snap.index.vector(id), offset, k, id)
     return page(snap, pairs, k, offset, id=id)
 
   def file_of(row: int) -> str:
@@ -213,8 +215,8 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
            responses=schemas.errors(413, 401))
   async def info():
     snap = holder.current()
-    return {'images': len(snap.index.embeddings), 'index': holder.directory,
-            'updated': snap.index.manifest.get('stats', {}).get('updated'), 'reloads': holder.reloads,
+    return {'images': snap.index.live, 'index': holder.directory,
+            'updated': snap.index.header.get('stats', {}).get('updated'), 'reloads': holder.reloads,
             'model': {'checkpoint': model.checkpoint, 'step': model.meta.get('step')},
             'approximate': snap.ann is not None,
             'limits': dataclasses.asdict(limits),
@@ -265,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   log(f'compiled the text embedder for {warm_up(holder.model, limits.max_batch)} batch sizes')
   app = create_app(holder, token=args.token, limits=limits)
   where = f'http://{args.host}:{args.port}/'
-  log(f'serving {len(holder.current().index.embeddings)} images of {holder.directory} at {where}'
+  log(f'serving {holder.current().index.live} images of {holder.directory} at {where}'
       + (f' (every request needs the token: open {where}?token=... once)' if args.token else '')
       + '; API schema at /docs')
   uvicorn.run(app, host=args.host, port=args.port, log_level='warning')

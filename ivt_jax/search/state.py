@@ -1,11 +1,13 @@
 """What the search server holds between requests: the index (reloaded when it changes on disk), the text
 embedder behind a micro-batching queue, and the rule for which files may be sent.
 
-- `IndexHolder`: the loaded index and its exact (or approximate) ranking. A watcher thread compares the
-  manifest's stat every `check_every_s`; a changed index is loaded whole, checked against the model (and its
-  approximate index built) in that thread, then swapped in, while requests go on with the previous one. `ivt_jax.search index` writes the embeddings first and replaces the
-  manifest last, atomically, so a reader sees the old pair or the new pair, never half of one; a load that fails
-  (a file replaced while read) keeps serving the previous index and tries again later.
+- `IndexHolder`: the opened index and its exact (or approximate) ranking. A watcher thread compares the header's
+  stat (index.json: its size and modification time, also on Cloud Storage, where nothing is downloaded to see
+  it) every `check_every_s`; a changed index is opened (its shards memory-mapped), checked against the model
+  (and its approximate index updated) in that thread, then swapped in, while requests go on with the previous
+  one. `ivt_jax.search index` writes new shards first and replaces the header last, atomically, so a reader
+  sees the old index or the new one, never half of one; an open that fails keeps serving the previous index and
+  tries again later.
 - `TextBatcher`: queries arriving together are embedded together: a worker thread takes the first waiting
   query, gathers those that arrive within `window_s` (up to `max_batch`), and makes one embedder call for all.
   At most `max_pending` queries wait; beyond that `submit` raises `Busy` (the server answers 503).
@@ -27,6 +29,7 @@ import numpy as np
 from input_pipeline import paths
 from ivt_jax.search import index as search_index
 from ivt_jax.search import model as search_model
+from ivt_jax.search import store as search_store
 
 
 class Busy(RuntimeError):
@@ -37,12 +40,12 @@ class Busy(RuntimeError):
 class Snapshot:
   """One loaded index with what belongs to it; replaced whole, so a request never mixes two indexes."""
   index: search_index.Index
-  ann: Optional[object]       # the approximate index over index.embeddings, or None (exact search)
+  ann: Optional[object]       # the approximate index over the index's rows, or None (exact search)
   real_roots: tuple[str, ...]  # the indexed folders, symlinks resolved
 
 
 class IndexHolder:
-  """The served index, reloaded when its manifest changes (see the module docstring)."""
+  """The served index, reopened when its header changes (see the module docstring)."""
 
   def __init__(self, directory: str, model: search_model.LoadedModel, check_every_s: float = 1.0,
                approximate: Optional[Callable[[search_index.Index], object]] = None, log: Callable[[str], None] = print):
@@ -58,29 +61,32 @@ class IndexHolder:
     self._watcher = threading.Thread(target=self._watch, name='index-watcher', daemon=True)
     self._watcher.start()
 
-  def _manifest_stamp(self):
-    path = paths.join(self.directory, search_index.MANIFEST)
-    try:
-      if paths.is_remote(path):  # on Cloud Storage: the manifest itself (small; it names a new embeddings file)
-        return paths.read_bytes(path)
-      st = os.stat(path)
-    except OSError:
-      return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+  def _header_stamp(self):
+    for name in (search_store.HEADER, search_store.MANIFEST_V1):
+      path = paths.join(self.directory, name)
+      try:
+        if paths.is_remote(path):  # on Cloud Storage: the object's size and time (nothing downloaded)
+          st = paths.epath(path).stat()
+          return (name, st.length, st.mtime)
+        st = os.stat(path)
+      except (OSError, FileNotFoundError):
+        continue
+      return (name, st.st_ino, st.st_size, st.st_mtime_ns)
+    return None
 
   def _load(self):
-    stamp = self._manifest_stamp()
+    stamp = self._header_stamp()
     index = search_index.load_index(self.directory)
     search_index.check_identity(index, self.model)
-    ann = self._approximate(index) if self._approximate and len(index.embeddings) else None
+    ann = self._approximate(index) if self._approximate and index.live else None
     self._stamp = stamp
-    return Snapshot(index, ann, tuple(os.path.realpath(r) for r in index.manifest.get('roots', [])))
+    return Snapshot(index, ann, tuple(os.path.realpath(r) for r in index.header.get('roots', [])))
 
   def _watch(self) -> None:
     """Loads a changed index in this thread (an approximate index may take minutes to build) and swaps it in;
     requests go on with the previous one meanwhile."""
     while not self._stop.wait(self.check_every_s):
-      if self._manifest_stamp() == self._stamp:
+      if self._header_stamp() == self._stamp:
         continue
       try:
         snapshot = self._load()
@@ -90,7 +96,7 @@ class IndexHolder:
         continue
       self._snapshot = snapshot
       self.reloads += 1
-      self._log(f'index reloaded: {len(snapshot.index.embeddings)} images')
+      self._log(f'index reloaded: {snapshot.index.live} images')
 
   def current(self) -> Snapshot:
     """The index to answer a request with (use this one snapshot for the whole request)."""
@@ -105,16 +111,15 @@ class IndexHolder:
            exclude: Optional[int] = None) -> list[tuple[int, float]]:
     """(row, score) ranked start..start+k-1 for a (D,) query embedding, best first."""
     index, ann = snap.index, snap.ann
-    if len(index.embeddings) == 0:
+    if index.live == 0:
       return []
     depth = start + k + (exclude is not None)
     if ann is not None and depth <= ann.max_depth:  # a deeper page goes exact: the width never follows offset
       rows, scores = ann.search(query, depth)
       pairs = [(int(r), float(s)) for r, s in zip(rows, scores) if r >= 0 and r != exclude]
       return pairs[start:start + k]
-    scores = index.embeddings @ query
+    scores = index.scores(query)  # deleted rows score -inf
     if exclude is not None:
-      scores = scores.copy()
       scores[exclude] = -np.inf
     rows = search_index.top_k(scores, start, k)
     return [(int(r), float(scores[r])) for r in rows if np.isfinite(scores[r])]
@@ -124,10 +129,10 @@ class IndexHolder:
     """The file of row `row`, if it may be sent: IndexError for a row out of range, PermissionError for a file
     whose real path leaves the indexed folders (a symlink pointing elsewhere)."""
     index = snap.index
-    if not 0 <= row < len(index.manifest['entries']):
-      raise IndexError(f'no image {row}: the index holds {len(index.manifest["entries"])} (0..'
-                       f'{len(index.manifest["entries"]) - 1})')
-    path = index.manifest['entries'][row]['path']
+    if not index.is_live(row):
+      raise IndexError(f'no image {row}: the index numbers 0..{len(index) - 1}, and holds {index.live}'
+                       + (' (this row was removed)' if 0 <= row < len(index) else ''))
+    path = index.path(row)
     real = os.path.realpath(path)
     if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in snap.real_roots):
       raise PermissionError(f'image {row} resolves outside the indexed folders')
