@@ -97,8 +97,9 @@ class _Faiss:
   max_depth = MAX_DEPTH
   removes = False  # whether deleted rows can be taken out (else a deletion rebuilds)
 
-  def __init__(self, index, vectors):
-    self._index, self.vectors = index, vectors
+  def __init__(self, index, vectors, owner=None):
+    # `owner`: the object faiss returned, kept alive (a downcast wrapper does not own the C++ index)
+    self._index, self.vectors, self._owner = index, vectors, owner
 
   @property
   def size(self) -> int:
@@ -143,7 +144,7 @@ class IvfIndex(_Faiss):
       super().__init__(index, vectors)
       self.add(vectors, 0)
     else:
-      super().__init__(faiss.downcast_index(index), vectors)
+      super().__init__(faiss.downcast_index(index), vectors, owner=index)
     self.nprobe, self.k_factor = int(nprobe), int(k_factor)
 
   def remove(self, rows: np.ndarray) -> None:
@@ -189,7 +190,7 @@ class HnswIndex(_Faiss):
       super().__init__(index, vectors)
       self.add(vectors, 0)
     else:
-      super().__init__(faiss.downcast_index(index), vectors)
+      super().__init__(faiss.downcast_index(index), vectors, owner=index)
     self._graph = faiss.downcast_index(self._index.index)
     self.ef_search = int(ef_search)
 

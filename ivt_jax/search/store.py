@@ -255,7 +255,13 @@ def open_index(directory: str) -> Index:
     if emb.ndim != 2 or len(emb) != sh['rows'] or (len(emb) and emb.shape[1] != header['dim']):
       raise ValueError(f'{emb_path} holds {emb.shape} embeddings where {hp} says ({sh["rows"]}, {header["dim"]}): '
                        'the index is damaged; rebuild it (index --rebuild)')
-    shards.append(Shard(sh['name'], start, emb, _table_path=paths.join(directory, SHARDS, sh['name'] + '.parquet')))
+    # The rows are read now (columnar, no per-row objects): an index stays whole while a compaction removes
+    # its files (the mapped .npy stays readable after the file is unlinked).
+    table = read_rows(directory, sh['name'])
+    if table.num_rows != len(emb):
+      raise ValueError(f'{paths.join(directory, SHARDS, sh["name"])}.parquet holds {table.num_rows} rows for '
+                       f'{len(emb)} embeddings: the index is damaged; rebuild it (index --rebuild)')
+    shards.append(Shard(sh['name'], start, emb, _table=table))
     start += len(emb)
   deleted = np.zeros((0,), np.int64)
   if header.get('deleted'):
