@@ -223,3 +223,14 @@ def test_two_processes_build_one_index(tiny_run, tiny_model, tmp_path):  # noqa:
                                                     for r in index.live_rows]))
   np.testing.assert_allclose(index.dense(), alone, atol=2e-5)
   assert not [n for n in os.listdir(os.path.join(out, 'shards')) if n.endswith('.json')]
+
+
+def test_index_benchmark_small(tmp_path, capsys):
+  from ivt_jax.tools import index_benchmark
+  out = tmp_path / 'r.json'
+  assert index_benchmark.main(['--rows=3000', '--dim=16', '--shard_rows=1000', f'--dir={tmp_path / "i"}',
+                               '--queries=2', f'--json={out}']) == 0
+  assert '3,000 x 16 float16 in 3 shards' in capsys.readouterr().out
+  r = json.loads(out.read_text())
+  assert r['rows'] == 3000 and r['shards'] == 3 and r['open_s'] >= 0 and r['query_top10_s_median'] >= 0
+  assert not (tmp_path / 'i').exists()  # removed unless --keep

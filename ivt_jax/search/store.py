@@ -81,6 +81,11 @@ class Shard:
   embeddings: np.ndarray           # (n, D) float32 or float16; memory-mapped for a local index
   _table: object = None            # pyarrow Table of the rows (read when first asked for)
   _table_path: str = ''
+  _paths: object = None            # pyarrow array of the rows' paths (read at open)
+
+  @property
+  def path_column(self):
+    return self._paths if self._paths is not None else self.table.column('path')
 
   @property
   def n(self) -> int:
@@ -201,13 +206,13 @@ class Index:
 
   def path(self, row: int) -> str:
     s, i = self._locate(int(row))
-    return s.table.column('path')[i].as_py()
+    return s.path_column[i].as_py()
 
   @functools.cached_property
   def paths(self) -> list[str]:
     """Every live row's file in row order (a Python list: for small indexes and tests)."""
     return [self.path(int(r)) for r in self.live_rows] if len(self) < 1 << 16 else \
-        _pa().concat_tables([s.table.select(['path']) for s in self.shards]).column('path').take(
+        _pa().chunked_array([c for s in self.shards for c in s.path_column.chunks]).take(
             self.live_rows).to_pylist()
 
   def dense(self) -> np.ndarray:
@@ -255,13 +260,15 @@ def open_index(directory: str) -> Index:
     if emb.ndim != 2 or len(emb) != sh['rows'] or (len(emb) and emb.shape[1] != header['dim']):
       raise ValueError(f'{emb_path} holds {emb.shape} embeddings where {hp} says ({sh["rows"]}, {header["dim"]}): '
                        'the index is damaged; rebuild it (index --rebuild)')
-    # The rows are read now (columnar, no per-row objects): an index stays whole while a compaction removes
-    # its files (the mapped .npy stays readable after the file is unlinked).
-    table = read_rows(directory, sh['name'])
-    if table.num_rows != len(emb):
-      raise ValueError(f'{paths.join(directory, SHARDS, sh["name"])}.parquet holds {table.num_rows} rows for '
-                       f'{len(emb)} embeddings: the index is damaged; rebuild it (index --rebuild)')
-    shards.append(Shard(sh['name'], start, emb, _table=table))
+    # The paths are read now (one Arrow column, no per-row objects): results keep their names while a
+    # compaction removes the files (the mapped .npy stays readable after the file is unlinked); the other
+    # columns when first asked for.
+    rows_path = paths.join(directory, SHARDS, sh['name'] + '.parquet')
+    names = read_rows(directory, sh['name'], ['path']).column('path')
+    if len(names) != len(emb):
+      raise ValueError(f'{rows_path} holds {len(names)} rows for {len(emb)} embeddings: the index is damaged; '
+                       'rebuild it (index --rebuild)')
+    shards.append(Shard(sh['name'], start, emb, _table_path=rows_path, _paths=names))
     start += len(emb)
   deleted = np.zeros((0,), np.int64)
   if header.get('deleted'):
