@@ -168,11 +168,12 @@ class IvfIndex(_Faiss):
       exact = q[a:a + RERANK_QUERIES] @ self.vectors.gather(uniq).T  # (q, U)
       full = np.full(c.shape, -np.inf, np.float32)
       full[valid] = exact[np.nonzero(valid)[0], inv]
-      for i in range(len(c)):
-        order = np.lexsort((c[i], -full[i]))[:n]
-        order = order[valid[i][order]]
-        rows[a + i, :len(order)] = c[i][order]
-        scores[a + i, :len(order)] = full[i][order]
+      order = np.lexsort((c, -full), axis=-1)[:, :n]  # per query: score descending, then row
+      got_rows = np.take_along_axis(c, order, -1)
+      got = np.take_along_axis(full, order, -1)
+      ok = np.take_along_axis(valid, order, -1)
+      rows[a:a + len(c), :order.shape[1]] = np.where(ok, got_rows, -1)
+      scores[a:a + len(c), :order.shape[1]] = np.where(ok, got, -np.inf)
     return rows, scores
 
 

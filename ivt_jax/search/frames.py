@@ -1,0 +1,78 @@
+"""Frames of video files, sampled in time, and person crops cut from frames as the model was trained.
+
+- `sample(path, fps)`: decodes a video with PyAV (FFmpeg: h264, hevc, vp9, av1, mjpeg, ...) and yields the
+  frames nearest to every 1/fps seconds, with their time in seconds (the frame's own presentation time) and
+  their index in the stream. Every frame is decoded (FFmpeg cannot skip to arbitrary frames without seeking);
+  only the sampled ones are converted to RGB.
+- `person_crop(frame, box, image_size)`: the box widened (or heightened) to the model's aspect ratio (3:1 for
+  384 x 128) about its centre, with a margin, cut from the frame with the part outside the frame filled with a
+  neutral grey, then resized as the evaluation gallery is (bilinear): a person is never stretched.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.avi', '.mov', '.webm')
+MARGIN = 0.1        # of the box's height, added above and below (and of its width at the sides)
+FILL = (124, 116, 104)  # outside the frame: the ImageNet mean colour
+
+
+class VideoError(ValueError):
+  pass
+
+
+def sample(path: str, fps: float = 2.0) -> Iterator[tuple[float, int, np.ndarray]]:
+  """(time in s, frame index, uint8 (H, W, 3) RGB) every 1/fps seconds of the video's first video stream."""
+  import av  # pylint: disable=g-import-not-at-top
+  if fps <= 0:
+    raise ValueError(f'--fps must be > 0, got {fps}')
+  try:
+    container = av.open(path)
+  except (av.error.FFmpegError, OSError) as e:
+    raise VideoError(f'{path}: not a video FFmpeg can open ({type(e).__name__}: {e})') from None
+  with container:
+    if not container.streams.video:
+      raise VideoError(f'{path}: holds no video stream')
+    stream = container.streams.video[0]
+    stream.thread_type = 'AUTO'
+    period, due = 1.0 / fps, 0.0
+    try:
+      for index, frame in enumerate(container.decode(stream)):
+        t = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 25)
+        if t + 1e-6 >= due:
+          yield t, index, frame.to_ndarray(format='rgb24')
+          due = (np.floor(t / period + 1e-6) + 1) * period
+    except av.error.FFmpegError as e:
+      raise VideoError(f'{path}: decoding failed ({type(e).__name__}: {e})') from None
+
+
+def widened(box: Sequence[float], image_size: Sequence[int], margin: float = MARGIN) -> tuple[float, ...]:
+  """(x0, y0, x1, y1) around the box's centre with the aspect of image_size (h, w), margin included."""
+  x0, y0, x1, y1 = map(float, box)
+  h, w = (y1 - y0) * (1 + 2 * margin), (x1 - x0) * (1 + 2 * margin)
+  aspect = image_size[1] / image_size[0]  # width / height of the model's input
+  if w / max(h, 1e-9) > aspect:
+    h = w / aspect
+  else:
+    w = h * aspect
+  cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+  return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+
+def person_crop(frame: np.ndarray, box: Sequence[float], image_size: Sequence[int],
+                margin: float = MARGIN) -> np.ndarray:
+  """uint8 (H, W, 3) frame, a box in its pixels -> uint8 image_size crop (see the module docstring)."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  from input_pipeline import augment  # pylint: disable=g-import-not-at-top
+  fh, fw = frame.shape[:2]
+  x0, y0, x1, y1 = widened(box, image_size, margin)
+  x0, y0 = int(np.floor(x0)), int(np.floor(y0))
+  x1, y1 = max(x0 + 1, int(np.ceil(x1))), max(y0 + 1, int(np.ceil(y1)))
+  out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+  out[:] = np.asarray(FILL, np.uint8)
+  sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(fw, x1), min(fh, y1)
+  if sx1 > sx0 and sy1 > sy0:
+    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = frame[sy0:sy1, sx0:sx1, :3]
+  return augment.resize(PIL.Image.fromarray(out), tuple(image_size), augment.EVAL_RESAMPLE)
