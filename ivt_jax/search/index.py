@@ -257,7 +257,7 @@ def _commit(model, out_dir: str, plan: _Plan, new: list[tuple[dict, list[str]]],
     if p in latest:
       deleted.add(latest.pop(p))
   shards = plan.base + [e for e, _ in new]
-  dim = int(model.identity.get('dim') or 0) or _dim(out_dir, shards)
+  dim = _dim(out_dir, shards)
   search_store.write_header(out_dir, _header(model, plan, shards, dim, row - len(deleted), len(unreadable)),
                             np.asarray(sorted(deleted), np.int64), [unreadable[p] for p in sorted(unreadable)])
   plan.generation += 1

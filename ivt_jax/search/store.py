@@ -98,16 +98,18 @@ class Shard:
     return self._table
 
 
-def _read_table(path: str):
-  pq = _pa().parquet
-  return pq.read_table(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path)
+def _source(path: str):
+  """What pyarrow reads a file from: its local path, or a gs:// object's bytes."""
+  return _pa().BufferReader(paths.read_bytes(path)) if paths.is_remote(path) else path
+
+
+def _read_table(path: str, columns: Optional[Sequence[str]] = None):
+  return _pa().parquet.read_table(_source(path), columns=list(columns) if columns else None)
 
 
 def read_rows(directory: str, name: str, columns: Optional[Sequence[str]] = None):
   """Shard `name`'s rows (these columns) as a pyarrow Table."""
-  path = paths.join(directory, SHARDS, name + '.parquet')
-  return _pa().parquet.read_table(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path,
-                                  columns=list(columns) if columns else None)
+  return _read_table(paths.join(directory, SHARDS, name + '.parquet'), columns)
 
 
 def _read_npy(path: str) -> np.ndarray:
@@ -211,9 +213,10 @@ class Index:
   @functools.cached_property
   def paths(self) -> list[str]:
     """Every live row's file in row order (a Python list: for small indexes and tests)."""
-    return [self.path(int(r)) for r in self.live_rows] if len(self) < 1 << 16 else \
-        _pa().chunked_array([c for s in self.shards for c in s.path_column.chunks]).take(
-            self.live_rows).to_pylist()
+    if not self.shards:
+      return []
+    return _pa().chunked_array([c for s in self.shards for c in s.path_column.chunks]).take(
+        self.live_rows).to_pylist()
 
   def dense(self) -> np.ndarray:
     """(live, D) float32 copy of the live rows' embeddings in row order (small indexes and tests)."""
@@ -332,15 +335,11 @@ def write_shard(directory: str, name: str, rows, embeddings: np.ndarray, dtype: 
 def shard_meta(directory: str, name: str) -> Optional[dict]:
   """The schema metadata of shards/<name>.parquet (None when it cannot be read: an incomplete shard)."""
   try:
-    raw = _pa().parquet.read_schema(_local_or_buffer(paths.join(directory, SHARDS, name + '.parquet'))).metadata
+    raw = _pa().parquet.read_schema(_source(paths.join(directory, SHARDS, name + '.parquet'))).metadata
     return {k.decode(): json.loads(v) for k, v in (raw or {}).items()}
   except (OSError, ValueError) as e:
     del e
     return None
-
-
-def _local_or_buffer(path: str):
-  return _pa().BufferReader(paths.read_bytes(path)) if paths.is_remote(path) else path
 
 
 def complete_shards(directory: str) -> list[str]:
