@@ -23,8 +23,9 @@ class VideoError(ValueError):
   pass
 
 
-def sample(path: str, fps: float = 2.0) -> Iterator[tuple[float, int, np.ndarray]]:
-  """(time in s, frame index, uint8 (H, W, 3) RGB) every 1/fps seconds of the video's first video stream."""
+def sample(path: str, fps: float = 2.0, after: float = -1.0) -> Iterator[tuple[float, int, np.ndarray]]:
+  """(time in s, frame index, uint8 (H, W, 3) RGB) every 1/fps seconds of the video's first video stream; with
+  `after`, only the samples later than that time (the same ones a full pass yields: resuming a pass)."""
   import av  # pylint: disable=g-import-not-at-top
   if fps <= 0:
     raise ValueError(f'--fps must be > 0, got {fps}')
@@ -42,10 +43,59 @@ def sample(path: str, fps: float = 2.0) -> Iterator[tuple[float, int, np.ndarray
       for index, frame in enumerate(container.decode(stream)):
         t = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 25)
         if t + 1e-6 >= due:
-          yield t, index, frame.to_ndarray(format='rgb24')
+          if t > after + 1e-6:
+            yield t, index, frame.to_ndarray(format='rgb24')
           due = (np.floor(t / period + 1e-6) + 1) * period
     except av.error.FFmpegError as e:
       raise VideoError(f'{path}: decoding failed ({type(e).__name__}: {e})') from None
+
+
+def is_video(path: str) -> bool:
+  return path.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def frame_of(entry: dict) -> np.ndarray:
+  """uint8 (H, W, 3) RGB: the whole frame an index row was cut from (a still's file, or the video's frame at
+  the row's frame_time)."""
+  if entry.get('frame_time') is not None:
+    return frame_at(entry['path'], float(entry['frame_time']))
+  return read_still(entry['path'])
+
+
+def read_still(path: str) -> np.ndarray:
+  """An image file -> uint8 (H, W, 3) RGB (any mode or bit depth, as the gallery reads them). Raises
+  ValueError/OSError naming the file."""
+  from input_pipeline import images  # pylint: disable=g-import-not-at-top
+  return np.asarray(images.decode(images.read_file(path), name=path))
+
+
+def frame_at(path: str, time: float) -> np.ndarray:
+  """uint8 (H, W, 3) RGB: the frame of a video shown at `time` s (the first at or after it; the last frame
+  when the video ends before). Seeks to the key frame before it, then decodes on."""
+  import av  # pylint: disable=g-import-not-at-top
+  try:
+    container = av.open(path)
+  except (av.error.FFmpegError, OSError) as e:
+    raise VideoError(f'{path}: not a video FFmpeg can open ({type(e).__name__}: {e})') from None
+  with container:
+    if not container.streams.video:
+      raise VideoError(f'{path}: holds no video stream')
+    stream = container.streams.video[0]
+    last = None
+    try:
+      if time > 0 and stream.time_base:
+        container.seek(int(max(0.0, time - 1.0) / stream.time_base) + (stream.start_time or 0), stream=stream,
+                       backward=True, any_frame=False)
+      for k, frame in enumerate(container.decode(stream)):
+        t = float(frame.time) if frame.time is not None else k / float(stream.average_rate or 25)
+        last = frame
+        if t + 1e-6 >= time:
+          return frame.to_ndarray(format='rgb24')
+    except av.error.FFmpegError as e:
+      raise VideoError(f'{path}: decoding failed ({type(e).__name__}: {e})') from None
+    if last is None:
+      raise VideoError(f'{path}: no frame at {time:.3f} s')
+    return last.to_ndarray(format='rgb24')
 
 
 def widened(box: Sequence[float], image_size: Sequence[int], margin: float = MARGIN) -> tuple[float, ...]:

@@ -106,3 +106,48 @@ def attention_figure(image: np.ndarray, panels: Sequence[tuple[str, Optional[np.
     fig.paste(Image.fromarray(shown), (x, y0))
     draw.multiline_text((x, y0 + h + 4), '\n'.join(n_lines), fill=(70, 70, 70), font=font, spacing=3)
   return fig
+
+
+def clock(seconds: Optional[float]) -> str:
+  """12.5 -> '0:12.5', 3725.0 -> '1:02:05.0'; None (a still) -> ''."""
+  if seconds is None:
+    return ''
+  m, s = divmod(float(seconds), 60.0)
+  h, m = divmod(int(m), 60)
+  return f'{h}:{m:02d}:{s:04.1f}' if h else f'{m}:{s:04.1f}'
+
+
+def boxed(frame: np.ndarray, box: Sequence[float], label: str = '', width: int = 0) -> Image.Image:
+  """uint8 (H, W, 3) frame -> a PIL copy with the box (x0, y0, x1, y1 in its pixels) drawn and `label` above it."""
+  image = Image.fromarray(np.ascontiguousarray(frame[..., :3], np.uint8))
+  draw = ImageDraw.Draw(image)
+  line = width or max(2, round(max(image.size) / 320))
+  x0, y0, x1, y1 = (float(v) for v in box)
+  for k in range(line):  # drawn outside the box, so the person stays uncovered
+    draw.rectangle([x0 - 1 - k, y0 - 1 - k, x1 + k, y1 + k], outline=(255, 40, 40))
+  if label:
+    font = pictures.font(max(11, round(max(image.size) / 60)))
+    tx, ty = max(0.0, x0 - line), max(0.0, y0 - line - getattr(font, "size", 11) - 4)
+    left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
+    draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=(255, 40, 40))
+    draw.text((tx, ty), label, fill='white', font=font)
+  return image
+
+
+def context_crop(frame: np.ndarray, box: Sequence[float], aspect: float, context: float = 0.6) -> Image.Image:
+  """The region around a box (grown by `context` of its height, at width/height `aspect`) cut from the frame
+  with the box drawn: a contact-sheet cell of a person found in a frame. Outside the frame is grey."""
+  x0, y0, x1, y1 = (float(v) for v in box)
+  h = (y1 - y0) * (1 + 2 * context)
+  w = max((x1 - x0) * (1 + 2 * context), h * aspect)
+  h = w / aspect
+  cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+  left, top = int(np.floor(cx - w / 2)), int(np.floor(cy - h / 2))
+  right, bottom = max(left + 1, int(np.ceil(cx + w / 2))), max(top + 1, int(np.ceil(cy + h / 2)))
+  fh, fw = frame.shape[:2]
+  out = np.empty((bottom - top, right - left, 3), np.uint8)
+  out[:] = np.asarray(pictures.NEUTRAL, np.uint8)
+  sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(fw, right), min(fh, bottom)
+  if sx1 > sx0 and sy1 > sy0:
+    out[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = frame[sy0:sy1, sx0:sx1, :3]
+  return boxed(out, (x0 - left, y0 - top, x1 - left, y1 - top))
