@@ -68,10 +68,11 @@ from ivt_jax.search import store as search_store
 from ivt_jax.runtime import cli as cli_lib
 
 
-def search(model: search_model.LoadedModel, index: search_index.Index, texts: Sequence[str],
-           top: int = 10) -> list[list[tuple[str, float]]]:
-  """Per text, the top files of the index by score (dot product of the embeddings; the cosine for the IVT
-  head): [[(path, score), ...], ...] best first, ties in path order."""
+def rank(model: search_model.LoadedModel, index: search_index.Index, texts: Sequence[str], top: int = 10,
+         per_track: bool = False) -> list[list[tuple[int, float]]]:
+  """Per text, the top rows of the index by score (dot product of the embeddings; the cosine for the IVT head):
+  [[(row, score), ...], ...] best first, ties in row order. `per_track`: only the best row of each tracked
+  person (the same video and track) and of each untracked row."""
   search_index.check_identity(index, model)
   empty = [i for i, t in enumerate(texts) if not str(t).strip()]
   if empty:
@@ -80,29 +81,83 @@ def search(model: search_model.LoadedModel, index: search_index.Index, texts: Se
     return [[] for _ in texts]
   q = search_model.embed_texts(model, texts)
   scores = index.scores(q)  # (Q, N) over the memory-mapped shards; deleted rows -inf
-  # Score descending, then row (path order): the server's ranking (search_index.top_k).
-  return [[(index.path(i), float(row[i])) for i in search_index.top_k(row, 0, int(top)) if np.isfinite(row[i])]
-          for row in scores]
+  out = []
+  for row_scores in scores:
+    if not per_track:
+      # Score descending, then row (path order): the server's ranking (search_index.top_k).
+      out.append([(int(i), float(row_scores[i])) for i in search_index.top_k(row_scores, 0, int(top))
+                  if np.isfinite(row_scores[i])])
+      continue
+    depth, picked = int(top) * 4, []
+    while True:
+      seen, picked = set(), []
+      ranked = search_index.top_k(row_scores, 0, depth)
+      for i in ranked:
+        if not np.isfinite(row_scores[i]):
+          break
+        e = index.entry(int(i))
+        group = (e['path'], e['track']) if e.get('track') is not None else ('row', int(i))
+        if group not in seen:
+          seen.add(group)
+          picked.append((int(i), float(row_scores[i])))
+          if len(picked) == top:
+            break
+      if len(picked) == top or len(ranked) < depth:
+        break
+      depth *= 4
+    out.append(picked)
+  return out
+
+
+def search(model: search_model.LoadedModel, index: search_index.Index, texts: Sequence[str],
+           top: int = 10) -> list[list[tuple[str, float]]]:
+  """Per text, the top files of the index by score: [[(path, score), ...], ...] best first (`rank` by path)."""
+  return [[(index.path(i), s) for i, s in ranked] for ranked in rank(model, index, texts, top)]
+
+
+def hit(index: search_index.Index, row: int, score: float, rank_: int) -> dict:
+  """One result as `query --json` prints it: rank, row, score, path and, for a person found in footage,
+  time (s; None for a still), frame_index, box [x0, y0, x1, y1] in the source's pixels, detector score,
+  track and source (the detector)."""
+  e = index.entry(row)
+  out = {'rank': rank_, 'row': int(row), 'score': round(float(score), 6), 'path': e['path']}
+  if e.get('x0') is not None:
+    out.update(time=e.get('frame_time'), frame_index=e.get('frame_index'),
+               box=[round(float(e[k]), 1) for k in ('x0', 'y0', 'x1', 'y1')],
+               detector_score=round(float(e['score']), 4), track=e.get('track'), source=e.get('source'))
+  return out
 
 
 def contact_sheet(results: Sequence[Sequence[tuple[str, float]]], texts: Sequence[str],
-                  image_size: Sequence[int], height: int = 128):
-  """A PIL contact sheet of `search` results (search_pictures.search_sheet), thumbnails at the model's aspect."""
+                  image_size: Sequence[int], height: int = 128, index: Optional[search_index.Index] = None,
+                  rows: Optional[Sequence[Sequence[int]]] = None):
+  """A PIL contact sheet of `search` results (search_pictures.search_sheet), thumbnails at the model's aspect.
+  With the index and the results' rows, a person found in footage is shown in the frame region around them
+  with the box drawn, and the time under it."""
+  from ivt_jax.search import frames as search_frames  # pylint: disable=g-import-not-at-top
   from ivt_jax.search import pictures as search_pictures  # pylint: disable=g-import-not-at-top
   h, w = image_size
   cell = (height, max(16, int(round(height * w / h))))
   images, scores, names = [], [], []
-  for ranked in results:
-    row = []
-    for p, _ in ranked:
+  for qi, ranked in enumerate(results):
+    row, label = [], []
+    for j, (p, _) in enumerate(ranked):
+      entry = index.entry(rows[qi][j]) if index is not None and rows is not None else {}
+      name = os.path.splitext(os.path.basename(p))[0]
       try:
-        with open(p, 'rb') as f:
-          row.append(f.read())
-      except OSError:
+        if entry.get('x0') is not None:
+          box = [entry[k] for k in ('x0', 'y0', 'x1', 'y1')]
+          row.append(search_pictures.context_crop(search_frames.frame_of(entry), box, w / h))
+          name = f'{name} {search_pictures.clock(entry.get("frame_time"))}'.strip()
+        else:
+          with open(p, 'rb') as f:
+            row.append(f.read())
+      except (OSError, ValueError):
         row.append(None)
+      label.append(name)
     images.append(row)
     scores.append([s for _, s in ranked])
-    names.append([os.path.splitext(os.path.basename(p))[0] for p, _ in ranked])
+    names.append(label)
   return search_pictures.search_sheet(list(texts), images, scores, names, cell=cell)
 
 
@@ -130,6 +185,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--rebuild', action='store_true', help='discard an existing index in --out')
   p.add_argument('--dtype', default='float32', choices=search_store.DTYPES, help='of the new shards\' embeddings')
   p.add_argument('--save_every', type=int, default=5000, help='images per shard (a killed run loses at most these)')
+  p.add_argument('--detect', action='store_true',
+                 help='FOLDER holds full frames and videos: index the people a detector finds in them')
+  p.add_argument('--detector', default='ssdlite', help='with --detect: ssdlite (shipped), hog, or FILE.onnx')
+  p.add_argument('--fps', type=float, default=2.0, help='with --detect: video frames looked at per second')
+  p.add_argument('--min_height', type=float, default=64.0, help='with --detect: smallest box height (source px)')
+  p.add_argument('--threshold', type=float, default=0.5, help='with --detect: smallest detector score (0..1)')
+  p.add_argument('--track', action='store_true',
+                 help='with --detect: follow people over a video\'s frames (IoU), embed a few crops per track')
+  p.add_argument('--track_gap', type=float, default=2.0, help='with --track: seconds between a track\'s crops')
+  p.add_argument('--track_crops', type=int, default=4, help='with --track: crops embedded per track at most')
+  p.add_argument('--save_every_s', type=float, default=300.0,
+                 help='with --detect: write a shard at least this often (s): a killed run resumes after it')
   p.add_argument('--coordinator_address', default='', help='HOST:PORT of process 0 (jax.distributed: several hosts)')
   p.add_argument('--num_processes', type=int, default=1)
   p.add_argument('--process_id', type=int, default=0)
@@ -140,6 +207,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   q.add_argument('texts', nargs='+', help='query texts')
   q.add_argument('--top', type=int, default=10, help='results per query')
   q.add_argument('--sheet', default='', help='write a PNG contact sheet of the results here')
+  q.add_argument('--json', action='store_true',
+                 help='print the results as JSON: per hit rank, row, score, path and for footage time, box, '
+                      'detector score, track')
+  q.add_argument('--per_track', action='store_true', help='only the best hit of each tracked person')
   _add_model_flags(q, required=False)
   c = sub.add_parser('compact', help='rewrite the live rows into new shards (deleted rows dropped)')
   c.add_argument('--index', required=True, help='index directory')
@@ -156,6 +227,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.error(f'--save_every must be >= 1, got {args.save_every}')
   if args.command == 'index' and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
     parser.error(f'--process_id={args.process_id} must be in 0..--num_processes-1 ({args.num_processes - 1})')
+  if args.command == 'index':
+    footage_flags = [f for f in ('detector', 'fps', 'min_height', 'threshold', 'track', 'track_gap', 'track_crops',
+                                 'save_every_s') if getattr(args, f) != p.get_default(f)]
+    if footage_flags and not args.detect:
+      parser.error(f'--{footage_flags[0]} is a --detect setting: add --detect (FOLDER holds full frames and videos)')
+    if args.detect:
+      from ivt_jax.search import footage as search_footage  # pylint: disable=g-import-not-at-top
+      try:
+        args.footage = search_footage.FootageOptions(args.detector, args.fps, args.min_height, args.threshold,
+                                                     args.track, track_gap=args.track_gap,
+                                                     track_crops=args.track_crops)
+      except ValueError as e:
+        parser.error(str(e))
+    else:
+      args.footage = None
   if args.command == 'compact' and args.shard_rows < 1:
     parser.error(f'--shard_rows must be >= 1, got {args.shard_rows}')
   if args.command == 'index' and args.batch < 1:
@@ -208,12 +294,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          f'{model.mesh.size} device(s)')
     result = search_index.build_index(model, args.images, args.out, batch_size=args.batch,
                                       workers=args.workers or None, rebuild=args.rebuild,
-                                      save_every=args.save_every, dtype=args.dtype, log=_log)
+                                      save_every=args.save_every, dtype=args.dtype, footage=args.footage,
+                                      save_every_s=args.save_every_s, log=_log)
     for u in result['unreadable']:
       print(f'unreadable: {u["path"]} ({u["error"]})')
-    print(f'{result["images"]} images indexed in {os.path.abspath(args.out)} ({result["embedded"]} embedded '
-          f'now, {result["unchanged"]} unchanged, {result["removed"]} removed, {len(result["unreadable"])} '
-          'unreadable)')
+    what = 'rows (people in frames, and crops)' if args.footage else 'images'
+    found = (f', {result["people"]} people in {result["frames"]} frames looked at' if args.footage else '')
+    print(f'{result["images"]} {what} indexed in {os.path.abspath(args.out)} ({result["embedded"]} embedded '
+          f'now{found}, {result["unchanged"]} files unchanged, {result["removed"]} removed, '
+          f'{len(result["unreadable"])} unreadable)')
     return 0
   index = search_index.load_index(args.index)
   model = search_index.model_for_index(index, args.checkpoint, args.config, args.tokenizer, args.tokenizer_kind)
@@ -221,15 +310,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for i, pieces in enumerate(model.tokenizer.pieces(args.texts), 1):
     if len(pieces) > length:
       _log(f'note: query {i} is {len(pieces)} tokens long; its first {length} are used (data.text_length)')
-  results = search(model, index, args.texts, args.top)
-  for text, ranked in zip(args.texts, results):
-    print(f'query: {text}')
-    for rank, (path, score) in enumerate(ranked, 1):
-      print(f'{rank:4d}  {score:+.4f}  {path}')
+  ranked_rows = rank(model, index, args.texts, args.top, per_track=args.per_track)
+  results = [[(index.path(i), s) for i, s in ranked] for ranked in ranked_rows]
+  if args.json:
+    import json  # pylint: disable=g-import-not-at-top
+    print(json.dumps({'index': os.path.abspath(args.index), 'queries': [
+        {'query': text, 'results': [hit(index, i, s, k) for k, (i, s) in enumerate(ranked, 1)]}
+        for text, ranked in zip(args.texts, ranked_rows)]}, indent=1))
+  else:
+    from ivt_jax.search import pictures as search_pictures  # pylint: disable=g-import-not-at-top
+    for text, ranked in zip(args.texts, ranked_rows):
+      print(f'query: {text}')
+      for k, (i, score) in enumerate(ranked, 1):
+        h = hit(index, i, score, k)
+        where = ''
+        if 'box' in h:
+          at = f' @ {search_pictures.clock(h["time"])}' if h['time'] is not None else ''
+          where = (f'{at}  box {",".join(str(round(v)) for v in h["box"])}'
+                   + (f'  track {h["track"]}' if h['track'] is not None else ''))
+        print(f'{k:4d}  {score:+.4f}  {h["path"]}{where}')
   if args.sheet:
     from ivt_jax.evaluation import pictures as visualize  # pylint: disable=g-import-not-at-top
-    path = visualize.save_png(contact_sheet(results, args.texts, model.image_size), args.sheet)
-    print(f'contact sheet: {path}')
+    sheet = contact_sheet(results, args.texts, model.image_size, index=index,
+                          rows=[[i for i, _ in ranked] for ranked in ranked_rows])
+    path = visualize.save_png(sheet, args.sheet)
+    print(f'contact sheet: {path}', file=sys.stderr if args.json else sys.stdout)
   return 0
 
 

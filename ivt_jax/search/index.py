@@ -1,21 +1,27 @@
 """The image index of a folder: listing and loading images, building and updating the index incrementally (new
 or changed files embedded into new shards, vanished ones dropped, unreadable ones listed), in one process or
-many, and loading it back, checked against the model that queries it. The files are ivt_jax/search/store.py's."""
+many, and loading it back, checked against the model that queries it. A folder holds person crops (a row per
+file) or, with `footage=`, full frames and videos whose people a detector finds (ivt_jax/search/footage.py:
+a row per person and frame looked at). The files are ivt_jax/search/store.py's; the bookkeeping of an update
+is ivt_jax/search/update.py's."""
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import datetime
 import json
 import os
+import queue
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from input_pipeline import paths
+from ivt_jax.search import footage as search_footage
+from ivt_jax.search import frames as search_frames
 from ivt_jax.search import model as search_model
 from ivt_jax.search import store as search_store
+from ivt_jax.search import update as search_update
 
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
@@ -23,8 +29,8 @@ HEADER = search_store.HEADER
 Index = search_store.Index
 
 
-def list_images(folder: str) -> list[str]:
-  """Absolute paths of the image files under folder (recursive, sorted).
+def list_images(folder: str, videos: bool = False) -> list[str]:
+  """Absolute paths of the image files (and with `videos`, the video files) under folder (recursive, sorted).
 
   Symbolic links to files are listed (and read if they resolve); links to folders are not followed, so a link
   loop cannot make the walk endless. A folder that cannot be listed is skipped.
@@ -35,7 +41,8 @@ def list_images(folder: str) -> list[str]:
   out = []
   for root, dirs, files in os.walk(folder):
     dirs.sort()
-    out.extend(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    kinds = IMAGE_EXTENSIONS + (search_frames.VIDEO_EXTENSIONS if videos else ())
+    out.extend(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in kinds)
   return sorted(out)
 
 
@@ -50,15 +57,6 @@ def _try_load(path: str, image_size) -> tuple[Optional[np.ndarray], str]:
     return load_image(path, image_size), ''
   except Exception as e:  # pylint: disable=broad-except (any unreadable file is skipped, never fatal)
     return None, f'{type(e).__name__}: {e}'
-
-
-def _stat(path: str) -> tuple[int, int] | str:
-  """(size, mtime_ns), or the reason the file cannot be looked at (a broken link, a link loop, ...)."""
-  try:
-    st = os.stat(path)
-  except OSError as e:
-    return f'{type(e).__name__}: {e.strerror or e}'
-  return int(st.st_size), int(st.st_mtime_ns)
 
 
 # ---- index --------------------------------------------------------------------------------------
@@ -99,23 +97,7 @@ def model_for_index(index: Index, checkpoint: str = '', config: Optional[str] = 
                                  fallback_config=saved['config'])
 
 
-def check_identity(index: Index, model: search_model.LoadedModel) -> None:
-  """Raises IdentityMismatchError (naming what differs) unless the index was built by this model."""
-  want, got = index.header['identity'], model.identity
-  if want.get('fingerprint') == got['fingerprint']:
-    return
-  parts = {'params': 'parameters', 'model_config': 'model config', 'tokenizer': 'tokenizer'}
-  diffs = [f'{name} {want.get(k)} (index) vs {got[k]} (model)' for k, name in parts.items()
-           if want.get(k) != got[k]]
-  built = index.header.get('model', {}).get('checkpoint', '?')
-  raise search_model.IdentityMismatchError(
-      f'index {index.directory} was built by another model or tokenizer (built from {built}; given '
-      f'{model.checkpoint}): {"; ".join(diffs) or "fingerprint differs"}. Query it with the model that built '
-      'it, or rebuild it with `index --rebuild`.')
-
-
-def _under(path: str, root: str) -> bool:
-  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+check_identity = search_update.check_identity
 
 
 def _barrier(name: str, nproc: int) -> None:
@@ -124,160 +106,11 @@ def _barrier(name: str, nproc: int) -> None:
     multihost_utils.sync_global_devices(f'ivt-jax-index-{name}')
 
 
-@dataclasses.dataclass
-class _Plan:
-  """What an update starts from (every process computes the same one from the same files)."""
-  base: list[dict]                  # header entries of the shards kept, in row order
-  base_rows: int                    # rows they number
-  base_deleted: np.ndarray          # rows already deleted in them
-  current: dict[str, int]           # path -> its live row in them
-  deleted: set[int]                 # rows this update drops (files vanished or no longer readable)
-  unreadable: dict[str, dict]       # path -> {path, size, mtime_ns, error}
-  todo: list[str]                   # files to embed (new or changed)
-  stats: dict[str, tuple[int, int]]
-  roots: list[str]
-  unchanged: int
-  removed: int
-  still_bad: int
-  stale: list[str]                  # shard names to remove after the next header (a rebuild's old shards)
-  generation: int
-
-
-def _adoptable(out_dir: str, known: set, fingerprint: str) -> tuple[list[str], list[str]]:
-  """(complete shards under shards/ not in the header that this model wrote: a killed run's work, adopted;
-  the others: another model's, removed by process 0)."""
-  good, bad = [], []
-  for name in search_store.complete_shards(out_dir):
-    if name in known:
-      continue
-    meta = search_store.shard_meta(out_dir, name)
-    (good if meta and meta.get('fingerprint') == fingerprint else bad).append(name)
-  return good, bad
-
-
-def _plan(model, root: str, out_dir: str, files: list[str], rebuild: bool, log) -> _Plan:
-  fingerprint = model.identity['fingerprint']
-  base, base_deleted, unreadable, roots, stale, gen = [], np.zeros((0,), np.int64), {}, [root], [], 0
-  old = None
-  if search_store.exists(out_dir):
-    old = search_store.open_index(out_dir)
-    if rebuild:
-      stale = [s.name for s in old.shards] if old.version == search_store.VERSION else []
-      gen = int(old.header.get('generation', 0))
-      old = None
-    else:
-      check_identity(old, model)
-  current: dict[str, int] = {}
-  deleted: set[int] = set()
-  if old is not None:
-    base = [dict(name=s.name, rows=s.n, dtype=str(s.embeddings.dtype)) for s in old.shards]
-    base_deleted = old.deleted
-    unreadable = {u['path']: u for u in old.unreadable}
-    roots = sorted(set(old.header.get('roots', [])) | {root})
-    gen = int(old.header.get('generation', 0))
-  adopted, _ = _adoptable(out_dir, {b['name'] for b in base} | set(stale), fingerprint)
-  if adopted:
-    log(f'{len(adopted)} shard(s) of an interrupted run adopted')
-  for name in adopted:
-    meta = search_store.shard_meta(out_dir, name)
-    base.append({'name': name, 'rows': int(meta['rows']), 'dtype': meta['dtype']})
-  # path -> its newest live row (a path written twice: the later row wins, the earlier is dropped), and the
-  # stored size and mtime of that row, to see what changed
-  dead = set(base_deleted.tolist())
-  sizes: dict[str, tuple[int, int]] = {}
-  row = 0
-  for b in base:
-    table = search_store.read_rows(out_dir, b['name'], ['path', 'size', 'mtime_ns'])
-    for p, size, mtime in zip(*(table.column(c).to_pylist() for c in ('path', 'size', 'mtime_ns'))):
-      if row not in dead:
-        if p in current:
-          deleted.add(current[p])
-        current[p] = row
-        sizes[p] = (size, mtime)
-      row += 1
-  present = set(files)
-  removed = [p for p in current if _under(p, root) and p not in present]
-  for p in removed:
-    deleted.add(current.pop(p))
-  for p in [p for p in unreadable if _under(p, root) and p not in present]:
-    del unreadable[p]
-
-  todo, stats, unchanged, still_bad = [], {}, 0, 0
-  for p in files:
-    st = _stat(p)
-    if isinstance(st, str):
-      unreadable[p] = {'path': p, 'size': -1, 'mtime_ns': -1, 'error': st}
-      if p in current:
-        deleted.add(current.pop(p))
-      continue
-    stats[p] = st
-    if p in current and sizes.get(p) == st:
-      unchanged += 1
-    elif p in unreadable and (unreadable[p]['size'], unreadable[p]['mtime_ns']) == st:
-      still_bad += 1
-    else:
-      todo.append(p)  # a changed file's old row is dropped when its new one is written
-  return _Plan(base, sum(b['rows'] for b in base), base_deleted, current, deleted, unreadable, todo,
-               stats, roots, unchanged, len(removed), still_bad, stale, gen)
-
-
-def _header(model, plan: _Plan, shards: list[dict], dim: int, live: int, unreadable: int) -> dict:
-  return {
-      'identity': model.identity, 'generation': plan.generation,
-      'model': {'checkpoint': model.checkpoint, 'checkpoint_step': model.meta.get('step'),
-                'config': model.config.to_dict(),
-                'tokenizer': {'kind': model.tokenizer.kind, 'path': model.tokenizer.path,
-                              'identity': model.tokenizer.identity()}},
-      'preprocess': {'image_size': list(model.image_size), 'resize': 'bilinear (input_pipeline.augment.'
-                     'eval_image, as the evaluation gallery)'},
-      'roots': plan.roots, 'dim': int(dim), 'shards': shards,
-      'stats': {'images': int(live), 'dim': int(dim), 'unreadable': int(unreadable),
-                'updated': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')},
-  }
-
-
-def _commit(model, out_dir: str, plan: _Plan, new: list[tuple[dict, list[str]]], bad: dict[str, dict]) -> int:
-  """Writes the header naming the plan's shards and the new ones [(entry, their paths)], with the rows they
-  replace dropped; -> live rows. `bad`: files found unreadable in this run."""
-  deleted = set(plan.base_deleted.tolist()) | plan.deleted
-  latest = dict(plan.current)
-  row = plan.base_rows
-  for _, ps in new:
-    for p in ps:
-      if p in latest:
-        deleted.add(latest[p])
-      latest[p] = row
-      row += 1
-  unreadable = dict(plan.unreadable)
-  for _, ps in new:
-    for p in ps:
-      unreadable.pop(p, None)
-  for p, u in bad.items():
-    unreadable[p] = u
-    if p in latest:
-      deleted.add(latest.pop(p))
-  shards = plan.base + [e for e, _ in new]
-  dim = _dim(out_dir, shards)
-  search_store.write_header(out_dir, _header(model, plan, shards, dim, row - len(deleted), len(unreadable)),
-                            np.asarray(sorted(deleted), np.int64), [unreadable[p] for p in sorted(unreadable)])
-  plan.generation += 1
-  if plan.stale:
-    search_store.remove_shards(out_dir, plan.stale)
-    plan.stale = []
-  return row - len(deleted)
-
-
-def _dim(out_dir: str, shards: list[dict]) -> int:
-  for s in shards:
-    meta = search_store.shard_meta(out_dir, s['name'])
-    if meta:
-      return int(meta['dim'])
-  return 0
-
-
 def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, *, batch_size: int = 64,
                 workers: Optional[int] = None, rebuild: bool = False, save_every: int = 5000,
-                dtype: str = 'float32', log_every_s: float = 2.0, log: Callable[[str], None] = print) -> dict:
+                dtype: str = 'float32', footage: Optional[search_footage.FootageOptions] = None,
+                save_every_s: float = 300.0, log_every_s: float = 2.0,
+                log: Callable[[str], None] = print) -> dict:
   """Indexes (or updates the index of) a folder, in this process or, under jax.distributed, in every process
   (each embeds every N-th file to embed and writes its own shards; process 0 writes the header at the end);
   returns the run's statistics.
@@ -289,14 +122,18 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
     batch_size: images per embedding call (rounded up to a multiple of the local device count).
     workers: threads decoding images (default: min(8, CPUs)).
     rebuild: start from an empty index (the old one is served until the first new header replaces it).
-    save_every: write a shard after about this many newly embedded images (a killed run loses at most the
-      images since its last shard; the next run adopts the shards it finished).
+    save_every: write a shard after about this many newly embedded rows (a killed run loses at most the
+      rows since its last shard; the next run adopts the shards it finished).
     dtype: of the new shards' embeddings, 'float32' or 'float16'.
+    footage: index full frames and videos (.mp4 .mkv .avi .mov .webm) by the people a detector finds in them
+      (FootageOptions); None: every image is one person crop, and videos are left alone.
+    save_every_s: with footage, also write a shard after this many seconds of work (a long video with few
+      people is then resumed after its last saved frame).
     log_every_s: seconds between progress lines.
     log: where progress lines go.
   Returns:
-    dict(files, embedded, unchanged, removed, unreadable (list of {path, error}), images (rows in the index),
-    seconds).
+    dict(files, embedded (rows), unchanged, removed, unreadable (list of {path, error}), images (rows in the
+    index), seconds; with footage also frames, people, videos).
   """
   import jax  # pylint: disable=g-import-not-at-top
   t0 = time.time()
@@ -305,9 +142,10 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
   proc, nproc = jax.process_index(), jax.process_count()
   root = paths.local(images_dir, 'image folder')
   out_dir = paths.resolve(out_dir, 'index directory')
-  files = list_images(root)
+  files = list_images(root, videos=True)
   batch_size = search_model.round_up(max(1, int(batch_size)), model.mesh.size)
   fingerprint = model.identity['fingerprint']
+  detector = search_footage.make_detector(footage) if footage is not None else None
   if proc == 0:  # alone, before the others look: another model's leftovers and half-written files go
     paths.makedirs(search_store.shard_dir(out_dir))
     if search_store.exists(out_dir) and not rebuild:
@@ -319,7 +157,7 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
     known = set()
     if paths.isfile(search_store.header_path(out_dir)):
       known = {s['name'] for s in json.loads(paths.read_text(search_store.header_path(out_dir)))['shards']}
-    _, foreign = _adoptable(out_dir, known, fingerprint)
+    _, foreign = search_update.adoptable(out_dir, known, fingerprint)
     search_store.remove_shards(out_dir, foreign)
     keep = {n + ext for n in set(search_store.complete_shards(out_dir)) | known for ext in ('.npy', '.parquet')}
     d = search_store.shard_dir(out_dir)
@@ -327,30 +165,104 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
       if name not in keep:
         paths.remove(paths.join(search_store.shard_dir(out_dir), name))
   _barrier('planned', nproc)
-  plan = _plan(model, root, out_dir, files, rebuild, log)
+  plan = search_update.make_plan(model, root, out_dir, files, rebuild, footage, log)
   mine = plan.todo[proc::nproc]
-  log(f'{len(files)} image files under {root}: {len(plan.todo)} to embed'
+  what = 'files' if footage is not None else 'image files'
+  log(f'{len(files)} {what} under {root}: {len(plan.todo)} to embed'
       + (f' ({len(mine)} by process {proc} of {nproc})' if nproc > 1 else '')
+      + (f' ({len(plan.resumed)} videos resumed)' if plan.resumed else '')
       + f', {plan.unchanged} unchanged, {plan.removed} removed, {plan.still_bad} unreadable and unchanged')
+  if plan.skipped_videos:
+    log(f'{plan.skipped_videos} video files left alone: index them with --detect (people found in their frames)')
 
   run = f'{search_store.new_run_id()}-p{proc:03d}'
-  written: list[tuple[dict, list[str]]] = []
-  bad: dict[str, dict] = {}
-  pending: list[tuple[dict, np.ndarray]] = []
+  out = _Writer(model, out_dir, plan, run, dtype, fingerprint, nproc, batch_size, log)
+  workers = workers or max(1, min(8, os.cpu_count() or 1))
+  if footage is None:
+    counts = _embed_crops(model, plan, mine, out, batch_size, save_every, workers, log_every_s, log)
+  else:
+    counts = _embed_footage(model, plan, mine, out, footage, detector, batch_size, save_every, save_every_s,
+                            log_every_s, log)
+  live = out.flush(final=True)
+  if nproc > 1:  # each process's unreadable files beside its shards; process 0 gathers them into the header
+    paths.write_text_atomic(paths.join(search_store.shard_dir(out_dir), f'{run}.unreadable.json'),
+                            json.dumps(list(out.bad.values())))
+    _barrier('embedded', nproc)
+    if proc == 0:
+      live = _commit_all(model, out_dir, plan, fingerprint)
+    _barrier('committed', nproc)
+    if proc != 0:
+      live = search_store.open_index(out_dir).live
+  unreadable = {**plan.unreadable, **out.bad}
+  for w in out.written:
+    for p in w.paths + w.files:
+      if p not in out.bad:
+        unreadable.pop(p, None)
+  result = {'files': len(files), 'embedded': counts['rows'], 'unchanged': plan.unchanged, 'removed': plan.removed,
+            'unreadable': [{'path': u['path'], 'error': u['error']} for u in sorted(
+                (unreadable[p] for p in unreadable if search_update.under(p, root)), key=lambda u: u['path'])],
+            'new_unreadable': [{'path': p, 'error': u['error']} for p, u in sorted(out.bad.items())],
+            'images': int(live), 'seconds': time.time() - t0, 'skipped_videos': plan.skipped_videos}
+  if footage is not None:
+    result.update(frames=counts['frames'], people=counts['people'], videos=counts['videos'])
+  log(f'index {out_dir}: {live} rows; this run embedded {counts["rows"]}'
+      + (f' ({counts["people"]} people in {counts["frames"]} frames)' if footage is not None else '')
+      + (f' (this process; {nproc} processes)' if nproc > 1 else '')
+      + f', kept {plan.unchanged} unchanged, removed {plan.removed}, {len(result["unreadable"])} unreadable '
+      f'under {root} ({result["seconds"]:.1f}s)')
+  return result
 
-  def flush():
-    if pending:
-      entry = search_store.write_shard(out_dir, f'{run}-{len(written):05d}', [r for r, _ in pending],
-                                       np.stack([e for _, e in pending]), dtype, fingerprint)
-      written.append((entry, [r['path'] for r, _ in pending]))
-      pending.clear()
-    if nproc == 1:
-      return _commit(model, out_dir, plan, written, bad)
+
+class _Writer:
+  """This run's pending rows and the shards it wrote; `flush` writes a shard and (one process) the header."""
+
+  def __init__(self, model, out_dir, plan, run, dtype, fingerprint, nproc, batch_size, log):
+    self.model, self.out_dir, self.plan, self.run, self.batch_size = model, out_dir, plan, run, batch_size
+    self.dtype, self.fingerprint, self.nproc, self.log = dtype, fingerprint, nproc, log
+    self.rows: list[dict] = []
+    self.embeddings: list[np.ndarray] = []
+    self.written: list[search_update.Written] = []
+    self.bad: dict[str, dict] = {}
+    self.saved_at = time.time()
+
+  def add(self, rows: list[dict], embeddings: np.ndarray) -> None:
+    self.rows.extend(rows)
+    self.embeddings.extend(embeddings)
+
+  def flush(self, progress: Sequence[search_footage.Progress] = (), final: bool = False):
+    """Writes the pending rows (and the progress of the files they belong to) as a shard; -> live rows when
+    this process wrote the header."""
+    if self.rows or progress:
+      emb = np.stack(self.embeddings) if self.embeddings else np.zeros((0, self._dim()), np.float32)
+      entry = search_store.write_shard(
+          self.out_dir, f'{self.run}-{len(self.written):05d}', self.rows, emb, self.dtype, self.fingerprint,
+          [p.to_json() for p in progress])
+      self.written.append(search_update.Written(entry, [r['path'] for r in self.rows], [p.path for p in progress]))
+      self.rows, self.embeddings = [], []
+    self.saved_at = time.time()
+    if self.nproc == 1 and (final or self.written):
+      return search_update.commit(self.model, self.out_dir, self.plan, self.written, self.bad)
     return None
 
+  def _dim(self) -> int:
+    """D for a shard without rows (only progress: a stretch of video without people)."""
+    d = search_update.dim(self.out_dir, self.plan.base + [w.entry for w in self.written])
+    if not d:
+      probe = np.zeros((1,) + tuple(self.model.image_size) + (3,), np.uint8)
+      d = int(search_model.embed_images(self.model, probe, pad_to=self.batch_size).shape[1])
+    return d
+
+  def unreadable(self, path: str, error: str) -> None:
+    size, mtime = self.plan.stats[path]
+    self.bad[path] = {'path': path, 'size': size, 'mtime_ns': mtime, 'error': error}
+    self.log(f'unreadable, skipped: {path} ({error})')
+
+
+def _embed_crops(model, plan, mine, out: _Writer, batch_size, save_every, workers, log_every_s, log) -> dict:
+  """Every file one person crop, decoded by `workers` threads while the previous batch is embedded."""
   embedded = 0
-  workers = workers or max(1, min(8, os.cpu_count() or 1))
-  chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+  todo = [t.path for t in mine]
+  chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
   t_embed = t_log = time.time()
   with concurrent.futures.ThreadPoolExecutor(workers) as decode, \
        concurrent.futures.ThreadPoolExecutor(1) as prefetch:
@@ -362,60 +274,151 @@ def build_index(model: search_model.LoadedModel, images_dir: str, out_dir: str, 
         future = prefetch.submit(load, chunks[ci + 1])
       good = []
       for p, (img, err) in zip(chunk, loaded):
-        size, mtime = plan.stats[p]
         if img is None:
-          bad[p] = {'path': p, 'size': size, 'mtime_ns': mtime, 'error': err}
-          log(f'unreadable, skipped: {p} ({err})')
+          out.unreadable(p, err)
         else:
           good.append((p, img))
       if good:
         emb = search_model.embed_images(model, np.stack([img for _, img in good]), pad_to=batch_size)
-        for (p, _), e in zip(good, emb):
+        rows = []
+        for p, _ in good:
           size, mtime = plan.stats[p]
-          pending.append(({'path': p, 'size': size, 'mtime_ns': mtime}, e))
+          rows.append({'path': p, 'size': size, 'mtime_ns': mtime})
+        out.add(rows, emb)
       embedded += len(good)
       done = sum(len(c) for c in chunks[:ci + 1])
       if time.time() - t_log >= log_every_s or ci + 1 == len(chunks):
-        log(f'embedded {done}/{len(mine)} files ({done / max(time.time() - t_embed, 1e-9):.1f} files/s)')
+        log(f'embedded {done}/{len(todo)} files ({done / max(time.time() - t_embed, 1e-9):.1f} files/s)')
         t_log = time.time()
-      if len(pending) >= save_every and ci + 1 < len(chunks):
-        flush()
-  live = flush()
-  if nproc > 1:  # each process's unreadable files beside its shards; process 0 gathers them into the header
-    paths.write_text_atomic(paths.join(search_store.shard_dir(out_dir), f'{run}.unreadable.json'),
-                            json.dumps(list(bad.values())))
-    _barrier('embedded', nproc)
-    if proc == 0:
-      live = _commit_all(model, out_dir, plan, fingerprint)
-    _barrier('committed', nproc)
-    if proc != 0:
-      live = search_store.open_index(out_dir).live
-  unreadable = {**plan.unreadable, **bad}
-  for _, ps in written:
-    for p in ps:
-      unreadable.pop(p, None)
-  result = {'files': len(files), 'embedded': embedded, 'unchanged': plan.unchanged, 'removed': plan.removed,
-            'unreadable': [{'path': u['path'], 'error': u['error']} for u in sorted(
-                (unreadable[p] for p in unreadable if _under(p, root)), key=lambda u: u['path'])],
-            'new_unreadable': [{'path': p, 'error': u['error']} for p, u in sorted(bad.items())],
-            'images': int(live), 'seconds': time.time() - t0}
-  log(f'index {out_dir}: {live} images; this run embedded {embedded}'
-      + (f' (this process; {nproc} processes)' if nproc > 1 else '')
-      + f', kept {plan.unchanged} unchanged, removed {plan.removed}, {len(result["unreadable"])} unreadable '
-      f'under {root} ({result["seconds"]:.1f}s)')
-  return result
+      if len(out.rows) >= save_every and ci + 1 < len(chunks):
+        out.flush()
+  return {'rows': embedded}
 
 
-def _commit_all(model, out_dir: str, plan: _Plan, fingerprint: str) -> int:
+def _embed_footage(model, plan, mine, out: _Writer, options, detector, batch_size, save_every, save_every_s,
+                   log_every_s, log) -> dict:
+  """The people of every file's frames: a thread decodes and detects (footage.scan) while this one embeds the
+  crops; a shard is written every `save_every` rows or `save_every_s` seconds with the progress of its files."""
+  counts = {'rows': 0, 'frames': 0, 'people': 0, 'videos': 0}
+  key = options.key()
+  events: queue.Queue = queue.Queue(maxsize=32)
+  stop = threading.Event()
+
+  def put(item):
+    while not stop.is_set():
+      try:
+        events.put(item, timeout=0.2)
+        return
+      except queue.Full:
+        continue
+
+  def produce():
+    try:
+      for todo in mine:
+        if stop.is_set():
+          return
+        try:
+          for found in search_footage.scan(todo.path, options, detector, model.image_size, todo.after,
+                                           todo.next_track):
+            put(('frame', todo, found))
+            if stop.is_set():
+              return
+        except (ValueError, OSError) as e:  # the file cannot be read (frames.VideoError is a ValueError)
+          put(('error', todo, f'{type(e).__name__}: {e}'))
+          continue
+        put(('done', todo, None))
+    except BaseException as e:  # pylint: disable=broad-except  (our bug: raised in the main thread)
+      put(('crash', None, e))
+    finally:
+      put(('end', None, None))
+
+  progress: dict[str, search_footage.Progress] = {}
+  touched: set[str] = set()
+  buffered: list[tuple[object, search_footage.Found]] = []  # frames whose crops are not embedded yet
+
+  def embed_buffered():
+    crops = [c for _, f in buffered for c in f.crops]
+    rows = [r for _, f in buffered for r in f.rows]
+    for a in range(0, len(crops), batch_size):
+      out.add(rows[a:a + batch_size],
+              search_model.embed_images(model, np.stack(crops[a:a + batch_size]), pad_to=batch_size))
+    counts['rows'] += len(rows)
+    for todo, f in buffered:
+      p = progress[todo.path]
+      p.rows += len(f.rows)
+      p.until = f.time if f.time is not None else p.until
+      p.next_track = max(p.next_track, f.next_track)
+      touched.add(todo.path)
+    buffered.clear()
+
+  def save():
+    embed_buffered()
+    out.flush([progress[p] for p in sorted(touched) if p in progress])
+    for p in [p for p in touched if p in progress and progress[p].until is None and p in finished]:
+      del progress[p]
+    touched.clear()
+
+  finished: set[str] = set()
+  thread = threading.Thread(target=produce, name='footage-scan', daemon=True)
+  t_start = t_log = time.time()
+  thread.start()
+  files_done = 0
+  try:
+    while True:
+      kind, todo, item = events.get()
+      if kind == 'end':
+        break
+      if kind == 'crash':
+        raise item
+      if todo.path not in progress:
+        size, mtime = plan.stats[todo.path]
+        progress[todo.path] = search_footage.Progress(todo.path, size, mtime, key, todo.after, todo.rows,
+                                                      todo.next_track)
+      if kind == 'frame':
+        size, mtime = plan.stats[todo.path]
+        for r in item.rows:
+          r.update(path=todo.path, size=size, mtime_ns=mtime)
+        buffered.append((todo, item))
+        counts['frames'] += 1
+        counts['people'] += item.people
+        if sum(len(f.crops) for _, f in buffered) >= batch_size:
+          embed_buffered()
+      elif kind == 'done':
+        embed_buffered()
+        progress[todo.path].until = None
+        touched.add(todo.path)
+        finished.add(todo.path)
+        files_done += 1
+        counts['videos'] += search_frames.is_video(todo.path)
+      else:  # 'error': what it had is dropped (its rows go with it in the header)
+        buffered[:] = [(t, f) for t, f in buffered if t.path != todo.path]
+        embed_buffered()
+        out.unreadable(todo.path, item)
+        progress.pop(todo.path, None)
+        touched.discard(todo.path)
+        files_done += 1
+      now = time.time()
+      if now - t_log >= log_every_s:
+        log(f'{files_done}/{len(mine)} files, {counts["frames"]} frames looked at, {counts["people"]} people, '
+            f'{counts["rows"] + sum(len(f.rows) for _, f in buffered)} rows '
+            f'({counts["frames"] / max(now - t_start, 1e-9):.1f} frames/s)')
+        t_log = now
+      if len(out.rows) >= save_every or (touched and now - out.saved_at >= save_every_s):
+        save()
+    save()
+  finally:
+    stop.set()
+    thread.join(timeout=30)
+  log(f'{files_done}/{len(mine)} files, {counts["frames"]} frames looked at, {counts["people"]} people, '
+      f'{counts["rows"]} rows embedded ({time.time() - t_start:.1f}s)')
+  return counts
+
+
+def _commit_all(model, out_dir: str, plan, fingerprint: str) -> int:
   """Process 0, after every process wrote its shards: the header naming them all."""
   known = {b['name'] for b in plan.base} | set(plan.stale)
-  names, _ = _adoptable(out_dir, known, fingerprint)
-  new = []
-  for name in names:
-    meta = search_store.shard_meta(out_dir, name)
-    table = search_store.read_rows(out_dir, name, ['path'])
-    new.append(({'name': name, 'rows': int(meta['rows']), 'dtype': meta['dtype']},
-                table.column('path').to_pylist()))
+  names, _ = search_update.adoptable(out_dir, known, fingerprint)
+  new = [search_update.written_shard(out_dir, name) for name in names]
   bad = {}
   d = search_store.shard_dir(out_dir)
   for name in paths.listdir(d) if paths.isdir(d) else []:
@@ -423,4 +426,4 @@ def _commit_all(model, out_dir: str, plan: _Plan, fingerprint: str) -> int:
       for u in json.loads(paths.read_text(paths.join(d, name))):
         bad[u['path']] = u
       paths.remove(paths.join(d, name))
-  return _commit(model, out_dir, plan, new, bad)
+  return search_update.commit(model, out_dir, plan, new, bad)

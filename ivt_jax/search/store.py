@@ -312,9 +312,11 @@ def shard_dir(directory: str) -> str:
   return paths.join(directory, SHARDS)
 
 
-def write_shard(directory: str, name: str, rows, embeddings: np.ndarray, dtype: str, fingerprint: str) -> dict:
+def write_shard(directory: str, name: str, rows, embeddings: np.ndarray, dtype: str, fingerprint: str,
+                files: Sequence = ()) -> dict:
   """Writes shards/<name>.npy, then shards/<name>.parquet (the shard is complete once it exists) -> its header
-  entry. `rows`: a list of row dicts or a pyarrow Table of COLUMNS."""
+  entry. `rows`: a list of row dicts or a pyarrow Table of COLUMNS; `files`: the progress records of the files
+  of footage it accounts for (ivt_jax/search/update.py), kept in its schema metadata."""
   if dtype not in DTYPES:
     raise ValueError(f'embedding dtype {dtype!r}: one of {", ".join(DTYPES)}')
   emb = np.asarray(embeddings, dtype)
@@ -322,6 +324,8 @@ def write_shard(directory: str, name: str, rows, embeddings: np.ndarray, dtype: 
   np.save(buf, emb)
   paths.write_bytes_atomic(paths.join(directory, SHARDS, name + '.npy'), buf.getvalue())
   meta = {'fingerprint': fingerprint, 'rows': int(len(emb)), 'dim': int(emb.shape[1]), 'dtype': dtype}
+  if files:
+    meta['files'] = list(files)
   table = rows_table(rows, meta) if isinstance(rows, list) else rows.replace_schema_metadata(
       {k: json.dumps(v) for k, v in meta.items()})
   if table.num_rows != len(emb):
@@ -406,11 +410,14 @@ def compact(directory: str, shard_rows: int = 1 << 20, dtype: str = '', log: Cal
   run = new_run_id()
   live = index.live_rows
   table = index.columns([c for c, _ in COLUMNS]) if len(index) else None
+  files = _live_progress(index) if index.version == VERSION else []
   entries = []
-  for i, a in enumerate(range(0, len(live), shard_rows)):
+  starts = list(range(0, len(live), shard_rows)) or ([0] if files else [])
+  for i, a in enumerate(starts):
     rows = live[a:a + shard_rows]
-    entries.append(write_shard(directory, f'{run}-c-{i:05d}', table.take(rows), index.gather(rows), dtype,
-                               fingerprint))
+    last = i + 1 == len(starts)  # the footage progress records go with the last shard
+    entries.append(write_shard(directory, f'{run}-c-{i:05d}', table.take(rows) if table is not None else [],
+                               index.gather(rows), dtype, fingerprint, files if last else ()))
     log(f'compacted {a + len(rows)}/{len(live)} rows')
   header = {k: v for k, v in index.header.items() if k not in ('embeddings', 'entries')}
   header.update(shards=entries, dim=index.dim, stats=dict(index.header.get('stats', {}), images=int(len(live))))
@@ -428,6 +435,24 @@ def compact(directory: str, shard_rows: int = 1 << 20, dtype: str = '', log: Cal
   log(f'index {directory}: {result["rows"]} rows in {len(entries)} shard(s) ({dtype}); {result["deleted"]} '
       f'deleted rows dropped ({result["seconds"]:.1f}s)')
   return result
+
+
+def _live_progress(index: Index) -> list:
+  """The footage progress records (ivt_jax/search/update.py) that still hold: the latest of each file whose
+  live rows of that version are as many as it counts."""
+  latest = {}
+  for s in index.shards:
+    for rec in (shard_meta(index.directory, s.name) or {}).get('files', []):
+      latest[rec[0]] = rec
+  if not latest:
+    return []
+  t = index.columns(['path', 'size', 'mtime_ns'])
+  live = index.live_rows
+  counts: dict = {}
+  for p, size, mtime in zip(*(t.column(c).take(live).to_pylist() for c in ('path', 'size', 'mtime_ns'))):
+    if p in latest:
+      counts[(p, size, mtime)] = counts.get((p, size, mtime), 0) + 1
+  return [rec for p, rec in sorted(latest.items()) if counts.get((p, rec[1], rec[2]), 0) == rec[5]]
 
 
 def _stored_dtype(index: Index) -> str:
