@@ -167,6 +167,23 @@ def test_tracking_embeds_a_few_crops_per_person(footage_folder, tiny_model, tmp_
   assert command.main(['query', f'--index={out}', 'a person', '--top=50', '--json', '--per_track']) == 0
   hits = json.loads(capsys.readouterr().out)['queries'][0]['results']
   assert len(hits) == 9 and len({(h['path'], h['track']) for h in hits if h['track'] is not None}) == 6
+  # The contact sheet shows each person in the frame around them, the box drawn (red), the time under it.
+  sheet = str(tmp_path / 'sheet.png')
+  assert command.main(['query', f'--index={out}', 'a person', '--top=4', f'--sheet={sheet}']) == 0
+  printed = capsys.readouterr().out
+  assert '@ 0:01.0' in printed or '@ 0:04.0' in printed
+  from PIL import Image
+  img = np.asarray(Image.open(sheet).convert('RGB')).astype(int)
+  red = (img[..., 0] > 200) & (img[..., 1] < 80) & (img[..., 2] < 80)
+  assert red.sum() > 200
+
+
+def test_footage_benchmark_embeds(tiny_run, capsys):  # noqa: F811
+  from ivt_jax.tools import footage_benchmark
+  assert footage_benchmark.main(['--seconds=1', '--size=320x240', '--detectors=hog', f'--checkpoint={tiny_run[0]}',
+                                 '--embed_batch=8']) == 0
+  out = capsys.readouterr().out
+  assert 'crops/s' in out and 'with embedding 3 people per sampled frame' in out
 
 
 def test_tracker_follows_boxes():

@@ -147,7 +147,7 @@ def contact_sheet(results: Sequence[Sequence[tuple[str, float]]], texts: Sequenc
       try:
         if entry.get('x0') is not None:
           box = [entry[k] for k in ('x0', 'y0', 'x1', 'y1')]
-          row.append(search_pictures.context_crop(search_frames.frame_of(entry), box, w / h))
+          row.append(search_pictures.context_crop(search_frames.frame_of(entry), box, w / h, cell=cell))
           name = f'{name} {search_pictures.clock(entry.get("frame_time"))}'.strip()
         else:
           with open(p, 'rb') as f:

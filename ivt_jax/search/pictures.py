@@ -134,9 +134,11 @@ def boxed(frame: np.ndarray, box: Sequence[float], label: str = '', width: int =
   return image
 
 
-def context_crop(frame: np.ndarray, box: Sequence[float], aspect: float, context: float = 0.6) -> Image.Image:
+def context_crop(frame: np.ndarray, box: Sequence[float], aspect: float, context: float = 0.6,
+                 cell: Optional[Sequence[int]] = None) -> Image.Image:
   """The region around a box (grown by `context` of its height, at width/height `aspect`) cut from the frame
-  with the box drawn: a contact-sheet cell of a person found in a frame. Outside the frame is grey."""
+  with the box drawn: a contact-sheet cell of a person found in a frame. Outside the frame is grey. With
+  `cell` (h, w) the region is resized to it first, so the box is drawn at the cell's scale."""
   x0, y0, x1, y1 = (float(v) for v in box)
   h = (y1 - y0) * (1 + 2 * context)
   w = max((x1 - x0) * (1 + 2 * context), h * aspect)
@@ -150,4 +152,9 @@ def context_crop(frame: np.ndarray, box: Sequence[float], aspect: float, context
   sx0, sy0, sx1, sy1 = max(0, left), max(0, top), min(fw, right), min(fh, bottom)
   if sx1 > sx0 and sy1 > sy0:
     out[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = frame[sy0:sy1, sx0:sx1, :3]
-  return boxed(out, (x0 - left, y0 - top, x1 - left, y1 - top))
+  b = np.asarray([x0 - left, y0 - top, x1 - left, y1 - top], np.float64)
+  if cell is not None:
+    ch, cw = int(cell[0]), int(cell[1])
+    b *= np.asarray([cw / out.shape[1], ch / out.shape[0]] * 2)
+    out = np.asarray(Image.fromarray(out).resize((cw, ch), Image.BILINEAR))
+  return boxed(out, tuple(b), width=2 if cell is not None else 0)
