@@ -1,5 +1,5 @@
 """The search API's OpenAPI schema tells the truth: schemathesis (a third-party fuzzer, pinned in requirements.txt)
-with every check against a served index: every limit is declared, every answer's status, body and content type
+with every check against a served index (crops and people found in footage: a video and a full frame): every limit is declared, every answer's status, body and content type
 are the ones the schema promises, schema-valid requests are accepted and invalid ones refused, no server error.
 (docs/search.md: the same command by hand, with more examples.)"""
 import os
@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
-from tests.test_serve import folder, holder, index_dir, live  # noqa: F401 (a served index)
+from tests.test_serve import folder, footage, footage_holder, footage_live, index_dir  # noqa: F401 (a served index)
 
 EXAMPLES = int(os.environ.get('IVT_SCHEMATHESIS_EXAMPLES', '100'))
 
 
-def test_schemathesis_finds_no_failure(live, tmp_path):  # noqa: F811
+def test_schemathesis_finds_no_failure(footage_live, tmp_path):  # noqa: F811
+  live = footage_live
   command = [os.path.join(os.path.dirname(sys.executable), 'schemathesis'), 'run', f'{live.url}/openapi.json',
              '--checks', 'all', '--max-examples', str(EXAMPLES), '--seed', '1', '--workers', '1',
              '--request-timeout', '60', '--warnings', 'off', '--report', 'junit',

@@ -3,7 +3,7 @@ errors by status, the content types of its files, and 422 bodies in FastAPI's de
 ({"detail": [{"loc", "msg", "type"}]}) with messages a person can act on."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import pydantic
 
@@ -22,11 +22,26 @@ class Error(pydantic.BaseModel):
   detail: str
 
 
+class Frame(pydantic.BaseModel):
+  """Where a person found in footage was: null for a person crop."""
+  time: Optional[float] = pydantic.Field(None, description='seconds into the video; null for a still (a full '
+                                                           'frame in an image file)')
+  index: Optional[int] = pydantic.Field(None, description="the frame's index in the video stream; null for a still")
+  box: list[float] = pydantic.Field(..., min_length=4, max_length=4,
+                                    description="[x0, y0, x1, y1]: the person's box in the frame's pixels")
+  score: Optional[float] = pydantic.Field(None, description="the detector's score")
+  track: Optional[int] = pydantic.Field(None, description="the person's track within the video, when tracked")
+  source: str = pydantic.Field(..., description='the detector that found the person')
+
+
 class Result(pydantic.BaseModel):
   rank: int
   id: int
   score: float
-  name: str
+  name: str = pydantic.Field(..., description='the file, relative to its indexed folder; a video row\'s with its '
+                                              'time ("cam1.mp4 @ 0:12.5")')
+  frame: Optional[Frame] = pydantic.Field(None, description='for a person found in a frame of footage: the '
+                                                            'moment and the box (GET /api/frame/{row} draws it)')
 
 
 class _Page(pydantic.BaseModel):
@@ -44,9 +59,10 @@ class SimilarPage(_Page):
   id: int
 
 
-def errors(*statuses: int) -> dict:
-  """FastAPI `responses=` for these error statuses, each with an Error body."""
-  return {s: {'model': Error, 'description': DESCRIPTIONS[s]} for s in statuses}
+def errors(*statuses: int, notes: Optional[dict] = None) -> dict:
+  """FastAPI `responses=` for these error statuses, each with an Error body (`notes`: descriptions that differ
+  from DESCRIPTIONS, by status)."""
+  return {s: {'model': Error, 'description': (notes or {}).get(s, DESCRIPTIONS[s])} for s in statuses}
 
 
 def content(media_types: Iterable[str], description: str) -> dict:

@@ -3,15 +3,25 @@
   python -m ivt_jax.serve --index=DIR [--checkpoint=...] [--host=127.0.0.1] [--port=8000] [--token=...]
       [--approximate=ivf|hnsw]
 
-The page (/) has a text box and shows the results as a grid (rank, score, file name) with paging; clicking an
-image shows it large beside the query's text-match map (ivt_jax.search.attention_maps) and offers "more like this".
-The API (FastAPI; its schema at /openapi.json and /docs):
+The page (/) has a text box and shows the results as a grid (rank, score, file name; for a person found in
+footage, the file, the time and the track) with paging; clicking an image shows it large (a person found in
+footage: the whole frame at that moment, the box drawn) beside the query's text-match map
+(ivt_jax.search.attention_maps) and offers "more like this". The API (FastAPI; its schema at /openapi.json and
+/docs):
 
   GET /api/search?q=TEXT&k=20&offset=0    images ranked for a description
   GET /api/similar?id=ROW&k=20&offset=0   images ranked by their likeness to indexed image ROW
-  GET /api/image/ROW                      the file of indexed image ROW
-  GET /api/match/ROW?q=TEXT               PNG: image ROW, its CLS attention and the text-match map of TEXT
+  GET /api/image/ROW                      the file of indexed image ROW; for a person found in footage (a full
+                                          frame or a video), a JPEG of the person cut from the frame
+  GET /api/frame/ROW?box=1                JPEG: the whole frame footage row ROW was found in, its box and time
+                                          drawn (box=0: the plain frame); 404 for a person crop
+  GET /api/match/ROW?q=TEXT               PNG: image ROW (a footage row: its person crop), its CLS attention and
+                                          the text-match map of TEXT
   GET /api/info                           the index, the model, the limits, the counters
+
+A result of a person found in footage carries `frame` {time, index, box, score, track, source} (null for a
+crop), and a video's result is named with its time ("cam1.mp4 @ 0:12.5"); ivt_jax/search/footage_serving.py
+makes its pictures (decoded in the thread pool, the last frames cached).
 
 Safe by default: it binds 127.0.0.1; binding any other address needs a token (--token or IVT_SERVE_TOKEN) that
 every request must carry (`Authorization: Bearer TOKEN`, or open the page once as /?token=TOKEN, which sets a
@@ -34,11 +44,13 @@ import io
 import ipaddress
 import os
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ivt_jax.search import api_schemas as schemas
+from ivt_jax.search import footage_serving as footage
 from ivt_jax.search import model as search_model
 from ivt_jax.search import state as serve_state
 
@@ -103,7 +115,8 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
 
   app = fastapi.FastAPI(title='ivt-jax search', description='Text-based person retrieval over an image index.',
                         version='1', lifespan=lifespan)
-  app.state.holder, app.state.batcher, app.state.limits = holder, batcher, limits
+  frames = footage.Frames()
+  app.state.holder, app.state.batcher, app.state.limits, app.state.frames = holder, batcher, limits, frames
   app.add_exception_handler(fastapi.exceptions.RequestValidationError, schemas.validation_handler(limits))
 
   @app.middleware('http')
@@ -133,13 +146,21 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     return await asyncio.wrap_future(future)
 
   def page(snap, pairs, k, offset, **extra):
+    """The results page (run in the thread pool: a shard's row metadata is read when first asked for)."""
     index = snap.index
     roots = index.header.get('roots', [])
     def name(path):
       root = next((r for r in roots if path.startswith(r.rstrip(os.sep) + os.sep)), '')
       return os.path.relpath(path, root) if root else os.path.basename(path)
-    results = [{'rank': offset + i + 1, 'id': row, 'score': round(score, 6),
-                'name': name(index.path(row))} for i, (row, score) in enumerate(pairs)]
+    results = []
+    for i, (row, score) in enumerate(pairs):
+      try:
+        entry = index.entry(row)
+      except (OSError, ValueError):  # the shard's rows file replaced after this snapshot opened (a compaction):
+        entry = {'path': index.path(row)}  # its paths were read at open
+      results.append({'rank': offset + i + 1, 'id': row, 'score': round(score, 6),
+                      'name': footage.display_name(name(entry['path']), entry),
+                      'frame': footage.frame_info(entry)})
     return {**extra, 'total': index.live, 'offset': offset, 'k': k, 'results': results}
 
   @app.get('/', include_in_schema=False)
@@ -159,7 +180,7 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     query = await embed_query(q)
     snap = holder.current()
     pairs = await run_in_threadpool(holder.rank, snap, query, offset, k)
-    return page(snap, pairs, k, offset, query=q)
+    return await run_in_threadpool(page, snap, pairs, k, offset, query=q)
 
   @app.get('/api/similar', summary='Images ranked by their likeness to an indexed image',
            response_model=schemas.SimilarPage, responses=schemas.errors(404, 413, 401))
@@ -170,23 +191,45 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
       raise fastapi.HTTPException(404, f'no image {id}: the index numbers 0..{len(snap.index) - 1} and holds '
                                   f'{snap.index.live}')
     pairs = await run_in_threadpool(holder.rank, snap, snap.index.vector(id), offset, k, id)
-    return page(snap, pairs, k, offset, id=id)
+    return await run_in_threadpool(page, snap, pairs, k, offset, id=id)
 
-  def file_of(row: int) -> str:
+  def file_of(snap: serve_state.Snapshot, row: int) -> str:
     try:
-      return holder.servable_path(holder.current(), row)
+      return holder.servable_path(snap, row)
     except IndexError as e:
       raise fastapi.HTTPException(404, str(e)) from None
     except PermissionError as e:
       raise fastapi.HTTPException(403, str(e)) from None
 
+  async def row_of(row: int) -> tuple[str, dict]:
+    """(the real path of row `row`, checked servable; its metadata) from one snapshot."""
+    snap = holder.current()
+    path = file_of(snap, row)
+    try:
+      return path, await run_in_threadpool(snap.index.entry, row)
+    except (OSError, ValueError):  # a compaction replaced the shard's rows file (and renumbered the rows)
+      raise fastapi.HTTPException(404, f'row {row}: the index was rewritten while answering (its rows are '
+                                  'numbered anew); search again') from None
+
+  async def picture(make, *args) -> bytes:
+    """A footage picture made in the thread pool; footage.Unavailable -> its status and message."""
+    try:
+      return await run_in_threadpool(make, frames, *args)
+    except footage.Unavailable as e:
+      raise fastapi.HTTPException(e.status, str(e)) from None
+
   ROW = fastapi.Path(..., ge=0, description='the row of an indexed image')
 
-  @app.get('/api/image/{row}', summary='The file of an indexed image', response_class=responses.Response,
-           responses={200: schemas.content(schemas.IMAGE_TYPES.values(), 'the image file'),
+  @app.get('/api/image/{row}', summary='The file of an indexed image (a person found in footage: a JPEG of the crop)',
+           response_class=responses.Response,
+           responses={200: schemas.content(schemas.IMAGE_TYPES.values(), 'the image file, or the person cut from '
+                                                                         'the frame (JPEG)'),
                       **schemas.errors(403, 404, 413, 401)})
   async def image(row: int = ROW):
-    path = file_of(row)
+    path, entry = await row_of(row)
+    if footage.is_footage(entry):
+      return responses.Response(await picture(footage.crop_jpeg, row, entry, path, model.image_size),
+                                media_type='image/jpeg')
     if not os.path.isfile(path):
       raise fastapi.HTTPException(404, f'image {row} is no longer on disk')
     media = schemas.IMAGE_TYPES.get(os.path.splitext(path)[1].lower())
@@ -198,10 +241,18 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
            response_class=responses.Response,
            responses={200: schemas.content(['image/png'], 'the figure'), **schemas.errors(403, 404, 413, 401)})
   async def match(row: int = ROW, q: str = Q('the description to match')):
-    path = file_of(row)
+    path, entry = await row_of(row)
+    crop = await picture(footage.crop_png, row, entry, path, model.image_size) \
+        if footage.is_footage(entry) else None
     def draw():
       from ivt_jax.search import attention_maps  # pylint: disable=g-import-not-at-top
-      fig, _ = attention_maps.figure(model, path, [q], height=256)
+      if crop is None:
+        fig, _ = attention_maps.figure(model, path, [q], height=256)
+      else:
+        with tempfile.NamedTemporaryFile(suffix='.png') as f:  # figure() reads a file: the footage row's crop
+          f.write(crop)
+          f.flush()
+          fig, _ = attention_maps.figure(model, f.name, [q], height=256)
       buf = io.BytesIO()
       fig.save(buf, format='PNG')
       return buf.getvalue()
@@ -210,6 +261,16 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     except (OSError, ValueError) as e:
       raise fastapi.HTTPException(404, f'image {row} cannot be read now: {e}') from None
     return responses.Response(png, media_type='image/png')
+
+  @app.get('/api/frame/{row}', summary='JPEG: the whole frame a person in footage was found in, the box drawn',
+           response_class=responses.Response,
+           responses={200: schemas.content(['image/jpeg'], 'the frame at that moment'),
+                      **schemas.errors(403, 404, 413, 401, notes={
+                          404: 'no such row, its file is gone or changed, or the row is a person crop (no frame)'})})
+  async def frame(row: int = fastapi.Path(..., ge=0, description='the row of a person found in footage'),
+                  box: bool = fastapi.Query(True, description='draw the box and the time (false: the plain frame)')):
+    path, entry = await row_of(row)
+    return responses.Response(await picture(footage.frame_jpeg, row, entry, path, box), media_type='image/jpeg')
 
   @app.get('/api/info', summary='The index, the model, the limits and the counters',
            responses=schemas.errors(413, 401))
@@ -220,7 +281,8 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
             'model': {'checkpoint': model.checkpoint, 'step': model.meta.get('step')},
             'approximate': snap.ann is not None,
             'limits': dataclasses.asdict(limits),
-            'embedder': {'calls': batcher.calls, 'queries': batcher.queries}}
+            'embedder': {'calls': batcher.calls, 'queries': batcher.queries},
+            'frames_decoded': frames.decoded}
 
   return app
 

@@ -1,5 +1,7 @@
 'use strict';
 // The search page: a text query or "more like this" -> a grid of results, paged; a viewer for one image.
+// A person found in footage (result.frame set) shows its crop with the file, time and track under it; its
+// viewer shows the whole frame at that moment with the box drawn (api/frame/ROW).
 const $ = (id) => document.getElementById(id);
 const state = { mode: null, q: '', id: null, offset: 0, k: 20, total: 0 };
 
@@ -20,6 +22,32 @@ async function getJSON(url) {
   return body;
 }
 
+// 12.5 -> '0:12.5', 3725 -> '1:02:05.0' (as ivt_jax.search.pictures.clock)
+function clock(seconds) {
+  const h = Math.floor(seconds / 3600);
+  const m = Math.floor((seconds - 3600 * h) / 60);
+  const s = (seconds - 3600 * h - 60 * m).toFixed(1).padStart(4, '0');
+  return h ? `${h}:${String(m).padStart(2, '0')}:${s}` : `${m}:${s}`;
+}
+
+// 'cam1.mp4 · 0:12.5 · track 3' for a person found in footage (the name without its ' @ time').
+function frameLabel(result) {
+  const f = result.frame;
+  const parts = [f.time === null ? result.name : result.name.replace(/ @ [^@]*$/, '')];
+  if (f.time !== null) parts.push(clock(f.time));
+  if (f.track !== null) parts.push(`track ${f.track}`);
+  return parts.join(' · ');
+}
+
+function frameDetail(result) {
+  const f = result.frame;
+  const parts = [`found by ${f.source}` + (f.score === null ? '' : ` (score ${f.score.toFixed(2)})`)];
+  if (f.time !== null) parts.push(`at ${clock(f.time)}, frame ${f.index}`);
+  if (f.track !== null) parts.push(`track ${f.track}`);
+  parts.push(`box ${f.box.map((v) => Math.round(v)).join(', ')}`);
+  return parts.join(' · ');
+}
+
 function card(result) {
   const div = document.createElement('div');
   div.className = 'card';
@@ -37,6 +65,11 @@ function card(result) {
   name.className = 'name';
   name.textContent = result.name;
   name.title = result.name;
+  if (result.frame) {
+    div.classList.add('footage');
+    name.classList.add('when');
+    name.textContent = frameLabel(result);
+  }
   div.append(img, meta, name);
   div.addEventListener('click', () => openViewer(result));
   return div;
@@ -73,7 +106,12 @@ async function run() {
 
 function openViewer(result) {
   $('viewer-title').textContent = `#${result.rank}  ${result.name}  (score ${result.score.toFixed(3)})`;
-  $('viewer-image').src = `api/image/${result.id}`;
+  const image = $('viewer-image');
+  image.classList.toggle('frame', Boolean(result.frame));
+  image.alt = result.frame ? 'the whole frame at that moment, the person boxed' : 'the image, large';
+  image.src = result.frame ? `api/frame/${result.id}` : `api/image/${result.id}`;
+  $('viewer-detail').textContent = result.frame ? frameDetail(result) : '';
+  $('viewer-detail').hidden = !result.frame;
   const box = $('viewer-match-box');
   if (state.mode === 'text') {
     box.hidden = false;
