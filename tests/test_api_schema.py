@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from tests.test_search import tiny_model, tiny_run  # noqa: F401 (session fixtures: a tiny demo workdir)
-from tests.test_serve import folder, footage, footage_holder, footage_live, index_dir  # noqa: F401 (a served index)
+from tests.test_serve import folder, index_dir  # noqa: F401 (a served index)
+from tests.test_serve_footage import footage, footage_holder, footage_live  # noqa: F401
 
 EXAMPLES = int(os.environ.get('IVT_SCHEMATHESIS_EXAMPLES', '100'))
 

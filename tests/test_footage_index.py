@@ -141,6 +141,12 @@ def test_footage_indexed_updated_and_resumed(footage_folder, tiny_model, tmp_pat
   index = search.load_index(out)
   assert index.live == before.live and not any(index.is_live(r) for r in old)
   _check_found(_rows(index), truth, still_boxes, folder)
+  # Compaction keeps what is known of the files: nothing is looked at again after it.
+  store.compact(out, shard_rows=8, log=lambda _: None)
+  after = search.build_index(tiny_model, folder, out, batch_size=4, footage=OPTIONS, log=lambda _: None)
+  assert after['frames'] == 0 and after['embedded'] == 0 and after['unchanged'] == 3
+  index = search.load_index(out)
+  _check_found(_rows(index), truth, still_boxes, folder)
 
   # query --json: each hit's source file, time, box, detector score and row.
   assert command.main(['query', f'--index={out}', 'a person', '--top=30', '--json']) == 0

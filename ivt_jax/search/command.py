@@ -1,8 +1,10 @@
 """Search a folder of images by text with a trained model.
 
   python -m ivt_jax.search index --checkpoint=DIR --images=FOLDER --out=INDEX [--batch=64] [--dtype=float16]
+      [--detect [--detector=ssdlite|hog|FILE.onnx] [--fps=2] [--min_height=64] [--threshold=0.5]
+       [--track [--track_gap=2] [--track_crops=4]]]
   python -m ivt_jax.search query --index=INDEX "a man in a grey hoodie with a black backpack" [--top=10]
-      [--sheet=results.png]
+      [--sheet=results.png] [--json] [--per_track]
   python -m ivt_jax.search compact --index=INDEX [--shard_rows=1048576] [--dtype=float16]
   python -m ivt_jax.search convert --index=INDEX     (a first-format index, manifest.json, to this format)
   python -m ivt_jax.search ann --index=INDEX [--kind=ivf|hnsw] [--rebuild]
@@ -14,8 +16,16 @@ time changed, drops the rows of files that disappeared from FOLDER, and keeps ro
 folders indexed into the same INDEX. Files that cannot be read or decoded are listed and skipped (and not
 retried until they change).
 
-`query` embeds the text with the model that built the index and prints the files ranked by score;
---sheet writes a PNG contact sheet of the results.
+With --detect, FOLDER holds full frames and videos (.mp4 .mkv .avi .mov .webm): a detector finds the people in
+each frame (a video's every 1/--fps seconds) and each person's crop, widened to the model's aspect, is a row
+with its source file, time, frame index, box and detector score (ivt_jax/search/footage.py; docs/search.md,
+"Footage"). A frame without people is remembered, a video killed midway resumes after its last saved frame;
+--track embeds a few crops per tracked person.
+
+`query` embeds the text with the model that built the index and prints the files ranked by score (for footage
+also the time and the box); --json prints them as JSON (rank, row, score, path, and time, frame_index, box,
+detector_score, track, source for footage); --per_track keeps the best hit of each tracked person; --sheet
+writes a PNG contact sheet of the results (footage: the frame around the person, the box drawn, the time).
 
 DIR is what `ivt_jax.evaluate` accepts: a training workdir (its best-by-validation parameters, else the
 latest state), a best/ directory, or a converted checkpoint. The config and the tokenizer come from the
