@@ -281,6 +281,8 @@ def _distributed(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  from ivt_jax.runtime import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()  # TensorFlow's start-up lines (the detector), unless IVT_VERBOSE=1
   if args.command in ('compact', 'convert'):
     run = search_store.compact if args.command == 'compact' else search_store.convert
     kwargs = {'shard_rows': args.shard_rows, 'dtype': args.dtype} if args.command == 'compact' else {}

@@ -123,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.error(f'--size: WIDTHxHEIGHT, got {args.size!r}')
   if args.fps <= 0 or args.seconds <= 0:
     p.error('--fps and --seconds must be > 0')
+  from ivt_jax.runtime import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()
   log = lambda line: print(line, file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     video = args.video
