@@ -173,8 +173,10 @@ def compute_maps(model, image: np.ndarray, texts: Sequence[str] = (), layer: int
   return out
 
 
-def figure(model, image_path: str, texts: Sequence[str] = (), layer: int = -1, height: int = 384):
+def figure(model, image_path, texts: Sequence[str] = (), layer: int = -1, height: int = 384):
   """-> (PIL figure: image | CLS attention | a text-match map per text, the `compute_maps` dict).
+
+  image_path: an image file, or an encoded image's bytes (a person cut from a frame of footage).
 
   Colour scales: the CLS map from its minimum to its maximum; the text-match maps share one scale, from the
   lowest to the highest cosine over all phrases. The notes under the panels give the actual values.
@@ -182,12 +184,13 @@ def figure(model, image_path: str, texts: Sequence[str] = (), layer: int = -1, h
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from input_pipeline import augment, images  # pylint: disable=g-import-not-at-top
   from ivt_jax.search import pictures as search_pictures  # pylint: disable=g-import-not-at-top
-  data = images.read_file(image_path)
+  data = bytes(image_path) if isinstance(image_path, (bytes, bytearray)) else images.read_file(image_path)
+  name = 'the image' if isinstance(image_path, (bytes, bytearray)) else image_path
   size = tuple(int(s) for s in model.config.data.image_size)
-  maps = compute_maps(model, augment.eval_image(data, size, name=image_path), texts, layer)
+  maps = compute_maps(model, augment.eval_image(data, size, name=name), texts, layer)
   h, w = size
   shown = (int(height), max(8, int(round(height * w / h))))
-  display = np.asarray(augment.decode_image(data, name=image_path).resize((shown[1], shown[0]),
+  display = np.asarray(augment.decode_image(data, name=name).resize((shown[1], shown[0]),
                                                                           Image.Resampling.BILINEAR))
   cfg = model.encoder.cfg
   up = lambda m: upsample(m, size, cfg.patch_size, cfg.stride, shown)

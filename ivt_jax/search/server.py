@@ -44,7 +44,6 @@ import io
 import ipaddress
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -146,7 +145,8 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     return await asyncio.wrap_future(future)
 
   def page(snap, pairs, k, offset, **extra):
-    """The results page (run in the thread pool: a shard's row metadata is read when first asked for)."""
+    """The results page (run in the thread pool: a shard of footage has its row metadata read when first asked
+    for; a shard of crops only its paths, read at open)."""
     index = snap.index
     roots = index.header.get('roots', [])
     def name(path):
@@ -155,7 +155,7 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     results = []
     for i, (row, score) in enumerate(pairs):
       try:
-        entry = index.entry(row)
+        entry = index.footage_entry(row)
       except (OSError, ValueError):  # the shard's rows file replaced after this snapshot opened (a compaction):
         entry = {'path': index.path(row)}  # its paths were read at open
       results.append({'rank': offset + i + 1, 'id': row, 'score': round(score, 6),
@@ -206,7 +206,7 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
     snap = holder.current()
     path = file_of(snap, row)
     try:
-      return path, await run_in_threadpool(snap.index.entry, row)
+      return path, await run_in_threadpool(snap.index.footage_entry, row)
     except (OSError, ValueError):  # a compaction replaced the shard's rows file (and renumbered the rows)
       raise fastapi.HTTPException(404, f'row {row}: the index was rewritten while answering (its rows are '
                                   'numbered anew); search again') from None
@@ -246,13 +246,7 @@ def create_app(holder: serve_state.IndexHolder, *, token: str = '', limits: Limi
         if footage.is_footage(entry) else None
     def draw():
       from ivt_jax.search import attention_maps  # pylint: disable=g-import-not-at-top
-      if crop is None:
-        fig, _ = attention_maps.figure(model, path, [q], height=256)
-      else:
-        with tempfile.NamedTemporaryFile(suffix='.png') as f:  # figure() reads a file: the footage row's crop
-          f.write(crop)
-          f.flush()
-          fig, _ = attention_maps.figure(model, f.name, [q], height=256)
+      fig, _ = attention_maps.figure(model, path if crop is None else crop, [q], height=256)
       buf = io.BytesIO()
       fig.save(buf, format='PNG')
       return buf.getvalue()

@@ -82,6 +82,7 @@ class Shard:
   _table: object = None            # pyarrow Table of the rows (read when first asked for)
   _table_path: str = ''
   _paths: object = None            # pyarrow array of the rows' paths (read at open)
+  _footage: Optional[bool] = None  # whether any row has a box (from the Parquet footer's statistics)
 
   @property
   def path_column(self):
@@ -96,6 +97,24 @@ class Shard:
     if self._table is None:
       self._table = _read_table(self._table_path)
     return self._table
+
+  @property
+  def has_footage(self) -> bool:
+    """Whether any row is a person found in footage (has a box); read from the Parquet footer's null counts of
+    x0, so a shard of crops is never read whole for it."""
+    if self._footage is None:
+      if self._table is not None or not self._table_path:
+        self._footage = self.table.column('x0').null_count < self.table.num_rows
+      else:
+        meta = _pa().parquet.read_metadata(_source(self._table_path))
+        col = meta.schema.names.index('x0')
+        self._footage = False
+        for g in range(meta.num_row_groups):
+          stats = meta.row_group(g).column(col).statistics
+          if stats is None or not stats.has_null_count or stats.null_count < meta.row_group(g).num_rows:
+            self._footage = True
+            break
+    return self._footage
 
 
 def _source(path: str):
@@ -205,6 +224,14 @@ class Index:
     """Row `row`'s metadata {path, size, mtime_ns, ...} (the columns that are set)."""
     s, i = self._locate(int(row))
     return {k: v for k, v in s.table.slice(i, 1).to_pylist()[0].items() if v is not None}
+
+  def footage_entry(self, row: int) -> dict:
+    """`entry(row)` for a person found in footage; {path} for a crop of a shard that holds only crops (its
+    other columns are not read: serving a large index of crops reads nothing more than its paths)."""
+    s, i = self._locate(int(row))
+    if not s.has_footage:
+      return {'path': s.path_column[i].as_py()}
+    return self.entry(row)
 
   def path(self, row: int) -> str:
     s, i = self._locate(int(row))
