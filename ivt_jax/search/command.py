@@ -72,6 +72,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from input_pipeline import paths
+from ivt_jax.search import footage as search_footage
 from ivt_jax.search import index as search_index
 from ivt_jax.search import model as search_model
 from ivt_jax.search import store as search_store
@@ -131,9 +132,9 @@ def hit(index: search_index.Index, row: int, score: float, rank_: int) -> dict:
   track and source (the detector)."""
   e = index.entry(row)
   out = {'rank': rank_, 'row': int(row), 'score': round(float(score), 6), 'path': e['path']}
-  if e.get('x0') is not None:
+  if search_footage.is_footage(e):
     out.update(time=e.get('frame_time'), frame_index=e.get('frame_index'),
-               box=[round(float(e[k]), 1) for k in ('x0', 'y0', 'x1', 'y1')],
+               box=[round(v, 1) for v in search_footage.box_of(e)],
                detector_score=round(float(e['score']), 4), track=e.get('track'), source=e.get('source'))
   return out
 
@@ -155,9 +156,9 @@ def contact_sheet(results: Sequence[Sequence[tuple[str, float]]], texts: Sequenc
       entry = index.entry(rows[qi][j]) if index is not None and rows is not None else {}
       name = os.path.splitext(os.path.basename(p))[0]
       try:
-        if entry.get('x0') is not None:
-          box = [entry[k] for k in ('x0', 'y0', 'x1', 'y1')]
-          row.append(search_pictures.context_crop(search_frames.frame_of(entry), box, w / h, cell=cell))
+        if search_footage.is_footage(entry):
+          row.append(search_pictures.context_crop(search_frames.frame_of(entry), search_footage.box_of(entry), w / h,
+                                                  cell=cell))
           name = f'{name} {search_pictures.clock(entry.get("frame_time"))}'.strip()
         else:
           with open(p, 'rb') as f:
@@ -243,7 +244,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if footage_flags and not args.detect:
       parser.error(f'--{footage_flags[0]} is a --detect setting: add --detect (FOLDER holds full frames and videos)')
     if args.detect:
-      from ivt_jax.search import footage as search_footage  # pylint: disable=g-import-not-at-top
       try:
         args.footage = search_footage.FootageOptions(args.detector, args.fps, args.min_height, args.threshold,
                                                      args.track, track_gap=args.track_gap,

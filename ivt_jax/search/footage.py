@@ -133,6 +133,19 @@ class Tracker:
     return out  # type: ignore[return-value]
 
 
+BOX = ('x0', 'y0', 'x1', 'y1')
+
+
+def is_footage(entry: dict) -> bool:
+  """Whether an index row (`Index.entry`) is a person found in a frame (it has a box) rather than a crop."""
+  return all(k in entry for k in BOX)
+
+
+def box_of(entry: dict) -> tuple[float, float, float, float]:
+  """An index row's box (x0, y0, x1, y1 in its source's pixels)."""
+  return tuple(float(entry[k]) for k in BOX)  # type: ignore[return-value]
+
+
 def _rows(boxes: search_detect.Boxes, source: str) -> list[dict]:
   return [{'source': source, 'x0': float(b[0]), 'y0': float(b[1]), 'x1': float(b[2]), 'y1': float(b[3]),
            'score': float(s)} for b, s in zip(boxes.xyxy, boxes.scores)]

@@ -23,10 +23,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ivt_jax.search import footage as search_footage
 from ivt_jax.search import frames as search_frames
 from ivt_jax.search import pictures as search_pictures
 
-BOX = ('x0', 'y0', 'x1', 'y1')
 CROP_SCALE = 2          # the crop sent for a card: twice the model's input size
 JPEG_QUALITY = 90
 CACHE_BYTES = 192 << 20  # decoded frames kept (a 1080p frame is 6 MB)
@@ -40,13 +40,8 @@ class Unavailable(Exception):
     self.status = status
 
 
-def is_footage(entry: dict) -> bool:
-  """Whether an index row is a person found in a frame (it has a box) rather than a person crop."""
-  return all(k in entry for k in BOX)
-
-
-def box_of(entry: dict) -> tuple[float, float, float, float]:
-  return tuple(float(entry[k]) for k in BOX)  # type: ignore[return-value]
+is_footage = search_footage.is_footage
+box_of = search_footage.box_of
 
 
 def frame_info(entry: dict) -> Optional[dict]:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,12 +24,10 @@ class VideoError(ValueError):
   pass
 
 
-def sample(path: str, fps: float = 2.0, after: float = -1.0) -> Iterator[tuple[float, int, np.ndarray]]:
-  """(time in s, frame index, uint8 (H, W, 3) RGB) every 1/fps seconds of the video's first video stream; with
-  `after`, only the samples later than that time (the same ones a full pass yields: resuming a pass)."""
+@contextlib.contextmanager
+def _video(path: str):
+  """(container, its first video stream), opened; VideoError naming the file when there is none."""
   import av  # pylint: disable=g-import-not-at-top
-  if fps <= 0:
-    raise ValueError(f'--fps must be > 0, got {fps}')
   try:
     container = av.open(path)
   except (av.error.FFmpegError, OSError) as e:
@@ -36,18 +35,36 @@ def sample(path: str, fps: float = 2.0, after: float = -1.0) -> Iterator[tuple[f
   with container:
     if not container.streams.video:
       raise VideoError(f'{path}: holds no video stream')
-    stream = container.streams.video[0]
+    yield container, container.streams.video[0]
+
+
+def _decoded(path: str, container, stream, seek: float = 0.0) -> Iterator[tuple[int, float, object]]:
+  """(k, time in s, av frame) in stream order, after seeking to the key frame before `seek` s (k counts from
+  there); FFmpeg's errors as VideoError naming the file."""
+  import av  # pylint: disable=g-import-not-at-top
+  try:
+    if seek > 0 and stream.time_base:
+      container.seek(int(seek / stream.time_base) + (stream.start_time or 0), stream=stream, backward=True,
+                     any_frame=False)
+    for k, frame in enumerate(container.decode(stream)):
+      yield k, (float(frame.time) if frame.time is not None else k / float(stream.average_rate or 25)), frame
+  except av.error.FFmpegError as e:
+    raise VideoError(f'{path}: decoding failed ({type(e).__name__}: {e})') from None
+
+
+def sample(path: str, fps: float = 2.0, after: float = -1.0) -> Iterator[tuple[float, int, np.ndarray]]:
+  """(time in s, frame index, uint8 (H, W, 3) RGB) every 1/fps seconds of the video's first video stream; with
+  `after`, only the samples later than that time (the same ones a full pass yields: resuming a pass)."""
+  if fps <= 0:
+    raise ValueError(f'--fps must be > 0, got {fps}')
+  with _video(path) as (container, stream):
     stream.thread_type = 'AUTO'
     period, due = 1.0 / fps, 0.0
-    try:
-      for index, frame in enumerate(container.decode(stream)):
-        t = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 25)
-        if t + 1e-6 >= due:
-          if t > after + 1e-6:
-            yield t, index, frame.to_ndarray(format='rgb24')
-          due = (np.floor(t / period + 1e-6) + 1) * period
-    except av.error.FFmpegError as e:
-      raise VideoError(f'{path}: decoding failed ({type(e).__name__}: {e})') from None
+    for index, t, frame in _decoded(path, container, stream):
+      if t + 1e-6 >= due:
+        if t > after + 1e-6:
+          yield t, index, frame.to_ndarray(format='rgb24')
+        due = (np.floor(t / period + 1e-6) + 1) * period
 
 
 def is_video(path: str) -> bool:
@@ -72,27 +89,12 @@ def read_still(path: str) -> np.ndarray:
 def frame_at(path: str, time: float) -> np.ndarray:
   """uint8 (H, W, 3) RGB: the frame of a video shown at `time` s (the first at or after it; the last frame
   when the video ends before). Seeks to the key frame before it, then decodes on."""
-  import av  # pylint: disable=g-import-not-at-top
-  try:
-    container = av.open(path)
-  except (av.error.FFmpegError, OSError) as e:
-    raise VideoError(f'{path}: not a video FFmpeg can open ({type(e).__name__}: {e})') from None
-  with container:
-    if not container.streams.video:
-      raise VideoError(f'{path}: holds no video stream')
-    stream = container.streams.video[0]
+  with _video(path) as (container, stream):
     last = None
-    try:
-      if time > 0 and stream.time_base:
-        container.seek(int(max(0.0, time - 1.0) / stream.time_base) + (stream.start_time or 0), stream=stream,
-                       backward=True, any_frame=False)
-      for k, frame in enumerate(container.decode(stream)):
-        t = float(frame.time) if frame.time is not None else k / float(stream.average_rate or 25)
-        last = frame
-        if t + 1e-6 >= time:
-          return frame.to_ndarray(format='rgb24')
-    except av.error.FFmpegError as e:
-      raise VideoError(f'{path}: decoding failed ({type(e).__name__}: {e})') from None
+    for _, t, frame in _decoded(path, container, stream, seek=max(0.0, time - 1.0) if time > 0 else 0.0):
+      last = frame
+      if t + 1e-6 >= time:
+        return frame.to_ndarray(format='rgb24')
     if last is None:
       raise VideoError(f'{path}: no frame at {time:.3f} s')
     return last.to_ndarray(format='rgb24')
