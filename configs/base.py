@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
                                       # CUHK-PEDES's real captions: median 28 WordPiece tokens, the longest seen 63)
   c.data.text_buckets = (32, 48, 64, 96)  # a batch is padded to the smallest of these (or text_length) that holds
                                       # its longest text: one compiled step per length (one process)
+  c.data.text_packing = False         # training texts packed: padding and dropped text tokens cost nothing
+                                      # (ivt_jax.models.packing; IVT head, no train.contrastive_chunk)
   c.data.phrase_text_length = 0       # training positions of the phrase level (0 = text_length; at most it)
   c.data.word_text_length = 0         # training positions of the word level (0 = text_length; at most it)
   c.data.tokenizer = 'wordpiece'      # wordpiece (bert-base-uncased vocab.txt) | sentencepiece (trained)
@@ -85,6 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'           # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.attention = 'xla'           # xla | cudnn (jax.nn.dot_product_attention implementation)
   c.model.patch_embed = 'auto'        # auto | conv | matmul: the patch convolution's op (auto: matmul on CPU)
+  c.model.dense_grad = 'auto'         # auto | rows | xla: the dense layers' backward (auto: rows on CPU, see
+                                      # ivt_jax.models.dense; the same numbers)
   c.model.remat = False
   c.model.bmm_tokens = 'remove'       # remove: dropped image tokens taken out of the sequence when data.bmm_drops
                                       # is 'fixed' (exact: the same embeddings and gradients) | mask: always

@@ -6,7 +6,7 @@ dataset needed (the measurements are ivt_jax.bench.*).
   python -m ivt_jax.benchmark --config=configs/demo.py --loop --notrain --noretrieval   # step, pipeline, loop
   python -m ivt_jax.benchmark --config=configs/demo_part.py --part_cost --noretrieval   # the part head's cost
   python -m ivt_jax.benchmark --config=configs/demo.py --notrain --noretrieval \
-      --variants=uniform_mask,fixed_mask,fixed_remove,chunked          # less work: removal, chunks
+      --variants=uniform_mask,fixed_mask,fixed_remove,chunked,packed   # less work: removal, chunks, packing
 
 Training step: the real `step.train_step` with `optim.make_optimizer`, jitted with the shardings of training
 (mesh data x fsdp from config.mesh, parameters by sharding.param_shardings, optimizer state as its parameters,

@@ -111,9 +111,10 @@ def test_the_script_runs_every_section_at_a_tiny_size(tmp_path):
   assert f['retrieval/s'] > 0 and f['pipeline/samples_per_s'] > 0
   assert f['loop/step_alone_steps_per_s'] > 0 and f['loop/loop_steps_per_s'] > 0
   assert f['reference/skipped']
-  for name in ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked'):
+  for name in ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked', 'packed'):
     assert f[f'lesswork/{name}/pairs_per_s'] > 0 and f[f'lesswork/{name}/compiled_total_bytes'] > 0
   assert f['lesswork/fixed_remove/flops_xla'] < f['lesswork/fixed_mask/flops_xla']
+  assert f['lesswork/packed/flops_xla'] < f['lesswork/fixed_remove/flops_xla']
   for name in ('fixed_remove', 'chunked'):
     assert f[f'lesswork/{name}/largest_fitted'] >= f[f'lesswork/{name}/timed_batch'] > 0
     assert f[f'lesswork/{name}/largest/pairs_per_s'] > 0

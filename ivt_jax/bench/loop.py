@@ -86,6 +86,7 @@ def benchmark_loop(config: ml_collections.ConfigDict, steps: int, warmup: int, *
   from input_pipeline import examples as examples_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.text_buckets = ()  # one compiled step: every batch padded to data.text_length
+  config.data.text_packing = False  # (packing compiles a step per slot count: ivt_jax.training.loop)
   batch = int(config.data.ids_per_batch) * int(config.data.images_per_id)
   with tempfile.TemporaryDirectory() as tmpdir:
     t0 = time.perf_counter()

@@ -6,6 +6,8 @@ chunked contrastive gradient, side by side (`python -m ivt_jax.benchmark --varia
   fixed_remove   the same drops, removed from the image sequence (model.bmm_tokens=remove): the same numbers
   chunked        fixed_remove with train.contrastive_chunk = --chunk samples: the same gradient, one chunk's
                  activations
+  packed         fixed_remove with the texts packed (data.text_packing): padding and dropped text tokens not
+                 computed, the slots per device this step's random batch needs
 
 Per variant: XLA's FLOP count of the compiled step (summed over the devices), the compiled memory per device
 (arguments + outputs + temporaries - aliased; chunked: no FLOP count, as XLA counts the chunks' loop body
@@ -18,9 +20,10 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from ivt_jax.bench import step as step_bench
+from ivt_jax.runtime import sharding as sharding_lib
 from ivt_jax.training import setup as step_setup
 
-VARIANTS = ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked')
+VARIANTS = ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked', 'packed')
 
 
 def variant_config(config: ml_collections.ConfigDict, name: str, chunk: int) -> ml_collections.ConfigDict:
@@ -31,6 +34,7 @@ def variant_config(config: ml_collections.ConfigDict, name: str, chunk: int) -> 
   c.data.bmm_drops = 'uniform' if name == 'uniform_mask' else 'fixed'
   c.model.bmm_tokens = 'mask' if name.endswith('_mask') else 'remove'
   c.train.contrastive_chunk = int(chunk) if name == 'chunked' else 0
+  c.data.text_packing = name == 'packed'
   return c
 
 
@@ -47,7 +51,9 @@ def compare(config: ml_collections.ConfigDict, batch: int, names: Sequence[str],
     if steps > 0:
       figures = step_bench.benchmark_train(c, batch, steps, warmup, log=lambda *_: None)
     else:
-      setup, compiled, compile_s = step_setup.compile_train_step(c, batch)
+      packed = step_setup.text_packing(c, sharding_lib.make_mesh(c),
+                                       step_setup.random_batch(c, batch, seed=c.seed))
+      setup, compiled, compile_s = step_setup.compile_train_step(c, batch, packed[1] if packed else 0)
       figures = {'train/compile_s': compile_s}
       flops = step_bench.compiled_flops(compiled)
       if flops is not None:

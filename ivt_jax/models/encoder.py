@@ -47,6 +47,8 @@ import ml_collections
 import numpy as np
 
 from input_pipeline import shapes
+from ivt_jax.models import dense as dense_lib
+from ivt_jax.models import packing as packing_lib
 
 MASK_VALUE = -10000.0  # the reference's additive mask, not -inf.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
@@ -100,6 +102,7 @@ class EncoderConfig:
   init_std: float = 0.02
   pos_embed_init: str = 'trunc_normal'
   patch_embed: str = 'auto'
+  dense_grad: str = 'auto'
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -154,6 +157,9 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   patch_embed = m.get('patch_embed', 'auto')
   if patch_embed not in PATCH_EMBEDS:
     raise ValueError(f'model.patch_embed must be one of {PATCH_EMBEDS}, got {patch_embed!r}')
+  dense_grad = m.get('dense_grad', 'auto')
+  if dense_grad not in dense_lib.GRADS:
+    raise ValueError(f'model.dense_grad must be one of {dense_lib.GRADS}, got {dense_grad!r}')
   if config.data.text_length > m.max_text_positions:
     raise ValueError(f'data.text_length ({config.data.text_length}) exceeds model.max_text_positions '
                      f'({m.max_text_positions})')
@@ -166,7 +172,7 @@ def encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
       text_embed_dropout=m.text_embed_dropout, bmm_ratio=config.data.bmm_ratio, bmm_drops=bmm_drops,
       bmm_tokens=bmm_tokens, ln_eps=m.ln_eps,
       text_ln_eps=m.text_ln_eps, dtype=m.dtype, attention=m.attention, remat=m.remat, init_std=m.init_std,
-      pos_embed_init=m.pos_embed_init, patch_embed=patch_embed)
+      pos_embed_init=m.pos_embed_init, patch_embed=patch_embed, dense_grad=dense_grad)
 
 
 def bmm_settings(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -177,10 +183,13 @@ def bmm_settings(config: ml_collections.ConfigDict) -> tuple[str, str]:
 def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
   """A copy of `config` with every backend-dependent choice ('auto') made for `platform` ('cpu', 'tpu', 'cuda',
   'gpu'), not for the host: what a program compiled here for another backend must use to be the program that
-  backend runs. Today that is model.patch_embed (matmul on CPU, conv elsewhere)."""
+  backend runs. Today that is model.patch_embed (matmul on CPU, conv elsewhere) and model.dense_grad (the
+  row-contracting backward on CPU, JAX's own elsewhere: ivt_jax.models.dense)."""
   out = ml_collections.ConfigDict(config.to_dict())
   if out.model.get('patch_embed', 'auto') == 'auto':
     out.model.patch_embed = 'matmul' if platform == 'cpu' else 'conv'
+  if out.model.get('dense_grad', 'auto') == 'auto':
+    out.model.dense_grad = dense_lib.resolve('auto', 'cpu' if platform == 'cpu' else 'other')
   return out
 
 
@@ -253,18 +262,19 @@ def keep_mask(module: nn.Module, keep, batch: int, length: int, train: bool, rat
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2; kernels truncated-normal(init_std)."""
+  """fc1 -> exact GELU -> fc2; kernels truncated-normal(init_std); dense_grad: see ivt_jax.models.dense."""
   hidden: int
   dtype: Any = jnp.float32
   init_std: float = 0.02
+  dense_grad: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     init = nn.initializers.truncated_normal(stddev=self.init_std)
-    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init, name='fc1')(x)
+    x = dense_lib.Dense(self.hidden, self.dtype, init, self.dense_grad, name='fc1')(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=init, name='fc2')(x)
+    return dense_lib.Dense(width, self.dtype, init, self.dense_grad, name='fc2')(x)
 
 
 def image_patches(images: jax.Array, patch_size: int, stride: int) -> jax.Array:
@@ -324,6 +334,7 @@ class QKV(nn.Module):
   features: int
   dtype: Any = jnp.float32
   init_std: float = 0.02
+  dense_grad: str = 'auto'
 
   @nn.compact
   def __call__(self, x, cls_only: bool = False):
@@ -333,11 +344,12 @@ class QKV(nn.Module):
     bias = self.param('bias', nn.initializers.zeros_init(), (3 * self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     d = self.features
+    proj = lambda t, w, b: dense_lib.apply(t, w, b, self.dense_grad)
     if not cls_only:
-      q, k, v = jnp.split(x @ kernel + bias, 3, axis=-1)
+      q, k, v = jnp.split(proj(x, kernel, bias), 3, axis=-1)
       return q, k, v
-    q = x[:, :1] @ kernel[:, :d] + bias[:d]
-    k, v = jnp.split(x @ kernel[:, d:] + bias[d:], 2, axis=-1)
+    q = proj(x[:, :1], kernel[:, :d], bias[:d])
+    k, v = jnp.split(proj(x, kernel[:, d:], bias[d:]), 2, axis=-1)
     return q, k, v
 
 
@@ -347,19 +359,27 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   implementation: str = 'xla'
   init_std: float = 0.02
+  dense_grad: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, key_bias, cls_only: bool = False):
+  def __call__(self, x, key_bias, cls_only: bool = False, packing=None, window: int = 0):
     """x: (B, N, D); key_bias: (B, N) float32, 0 for attended keys and -10000 for masked ones.
 
     -> (B, N, D), or (B, 1, D) with `cls_only`: the CLS query alone (every token still a key and value).
+    packing (a `packing.Packing`; key_bias None): x holds packed texts, each token attending to its own text's
+    (`packing.windowed_attention` with windows of `window` slots).
     """
     b, _, d = x.shape
     h = self.num_heads
     init = nn.initializers.truncated_normal(stddev=self.init_std)
-    q, k, v = QKV(d, self.dtype, self.init_std, name='qkv')(x, cls_only)
+    q, k, v = QKV(d, self.dtype, self.init_std, self.dense_grad, name='qkv')(x, cls_only)
+    proj = dense_lib.Dense(d, self.dtype, init, self.dense_grad, name='proj')
     heads = lambda t: t.reshape(t.shape[0], t.shape[1], h, d // h)  # (B, T, H, Dh)
     q, k, v = heads(q), heads(k), heads(v)
+    impl = None if self.implementation == 'auto' else self.implementation
+    if packing is not None:
+      out = packing_lib.windowed_attention(q, k, v, packing.segment, window, MASK_VALUE, impl)
+      return proj(out.reshape(b, -1, d))
     bias = key_bias[:, None, None, :]  # (B, 1, 1, N)
     if self.is_mutable_collection('intermediates'):
       # Explicit path that exposes the attention probabilities (attention maps).
@@ -368,10 +388,8 @@ class Attention(nn.Module):
       self.sow('intermediates', 'attention', probs)
       out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
     else:
-      impl = None if self.implementation == 'auto' else self.implementation
       out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=impl)
-    out = out.reshape(b, q.shape[1], d)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=init, name='proj')(out)
+    return proj(out.reshape(b, q.shape[1], d))
 
 
 class Block(nn.Module):
@@ -383,30 +401,37 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   implementation: str = 'xla'
   init_std: float = 0.02
+  dense_grad: str = 'auto'
 
-  def _drop_path(self, y, deterministic, rows):
+  def _drop_path(self, y, deterministic, rows, packing=None):
     if deterministic or self.drop_path == 0.0:
       return y
     keep = 1.0 - self.drop_path
-    mask = row_bernoulli(self.make_rng('dropout'), keep, batch_rows(rows, y.shape[0]), (1,) * (y.ndim - 1))
+    if packing is None:
+      mask = row_bernoulli(self.make_rng('dropout'), keep, batch_rows(rows, y.shape[0]), (1,) * (y.ndim - 1))
+    else:  # rows (G, n) per packed text: each slot takes its text's draw
+      draws = row_bernoulli(self.make_rng('dropout'), keep, rows.reshape(-1), (1, 1)).reshape(rows.shape)
+      mask = packing_lib.per_slot(draws, packing)[..., None]
     return jnp.where(mask, y / keep, 0).astype(y.dtype)
 
   @nn.compact
-  def __call__(self, x, key_bias, modality: str, deterministic: bool, cls_only: bool = False, rows=None):
+  def __call__(self, x, key_bias, modality: str, deterministic: bool, cls_only: bool = False, rows=None,
+               packing=None, window: int = 0):
     """x: (B, N, D) -> (B, N, D); with `cls_only` -> (B, 1, D), the CLS output alone (the same numbers).
-    rows: (B,) the rows' indices in the whole batch (`batch_rows`), keying stochastic depth."""
+    rows: (B,) the rows' indices in the whole batch (`batch_rows`), keying stochastic depth. packing: x is
+    (G, S, D) packed texts (`packing.Packing`, key_bias None, rows (G, n) per text, windows of `window`)."""
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-    attn = Attention(self.num_heads, self.dtype, self.implementation, self.init_std, name='attn')
-    y = attn(norm('norm1')(x), key_bias, cls_only)
-    x = (x[:, :1] if cls_only else x) + self._drop_path(y, deterministic, rows)
+    attn = Attention(self.num_heads, self.dtype, self.implementation, self.init_std, self.dense_grad, name='attn')
+    y = attn(norm('norm1')(x), key_bias, cls_only, packing, window)
+    x = (x[:, :1] if cls_only else x) + self._drop_path(y, deterministic, rows, packing)
     y = norm('norm2')(x)
     # Both MLPs exist in every block; only the modality's one runs.
-    mlp_vis = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_vis')
-    mlp_txt = Mlp(self.mlp_dim, self.dtype, self.init_std, name='mlp_txt')
+    mlp_vis = Mlp(self.mlp_dim, self.dtype, self.init_std, self.dense_grad, name='mlp_vis')
+    mlp_txt = Mlp(self.mlp_dim, self.dtype, self.init_std, self.dense_grad, name='mlp_txt')
     if self.is_initializing():
       _ = mlp_txt(y) if modality == 'image' else mlp_vis(y)
     y = mlp_vis(y) if modality == 'image' else mlp_txt(y)
-    return x + self._drop_path(y, deterministic, rows)
+    return x + self._drop_path(y, deterministic, rows, packing)
 
 
 class TextEmbeddings(nn.Module):
@@ -459,10 +484,11 @@ class Encoder(nn.Module):
     self.type_embed = self.param('type_embed', _trunc_normal, (1, n_img, c.width))
     self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_positions, c.type_vocab_size, c.width,
                                      c.text_ln_eps, c.text_embed_dropout, dtype)
-    block = nn.remat(Block, static_argnums=(3, 4, 5)) if c.remat else Block  # modality, deterministic, cls_only
+    # static: modality, deterministic, cls_only, window
+    block = nn.remat(Block, static_argnums=(3, 4, 5, 8)) if c.remat else Block
     rates = np.linspace(0.0, c.drop_path, c.depth)
-    self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention, c.init_std)
-                   for i in range(c.depth)]
+    self.blocks = [block(c.num_heads, c.mlp_dim, float(rates[i]), c.ln_eps, dtype, c.attention, c.init_std,
+                         c.dense_grad) for i in range(c.depth)]
     self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=dtype)
 
   def _keep(self, keep, batch, length, train):
@@ -506,6 +532,32 @@ class Encoder(nn.Module):
     x = self.embeddings(ids, deterministic=not train, rows=rows)
     valid = jnp.logical_and(mask.astype(bool), self._keep(keep, b, n, train))
     return self._transformer(x, valid, 'text', train, cls_only, rows)
+
+  def packed_text_tokens(self, ids, mask, keep=None, rows=None, *, groups: int, slots: int):
+    """Training-time texts packed (`ivt_jax.models.packing`): ids, mask, keep (B, L) with B = groups x n (each
+    group one contiguous share of the batch) -> (B, 1, D) the CLS outputs: the same numbers as
+    `text_tokens(..., train=True, cls_only=True)` for every group whose tokens fit in `slots` (a group with more
+    loses its last tokens: `packing.group_tokens` tells); position 0 ([CLS]) always attends."""
+    b, n = ids.shape
+    if b % groups or slots % n:
+      raise ValueError(f'packing {b} texts of {n} positions: groups {groups} must divide the texts and the '
+                       f'slots {slots} be a multiple of {n}')
+    x = self.embeddings(ids, deterministic=False, rows=rows)
+    valid = jnp.logical_and(mask.astype(bool), self._keep(keep, b, n, True)).at[:, 0].set(True)
+    t = b // groups
+    packing = packing_lib.pack(valid.reshape(groups, t, n), slots)
+    x = packing_lib.gather_slots(x.reshape(groups, t, n, -1), packing)
+    text_rows = batch_rows(rows, b)
+    for blk in self.blocks[:-1]:
+      x = blk(x, None, 'text', False, False, text_rows.reshape(groups, t), packing, n)
+    x, own = packing_lib.text_windows(x, packing, n)
+    key_bias = jnp.where(own, 0.0, MASK_VALUE).astype(jnp.float32)
+    x = self.blocks[-1](x, key_bias, 'text', False, True, text_rows)
+    return self.norm(x)
+
+  def embed_texts_packed(self, ids, mask, keep=None, rows=None, *, groups: int, slots: int):
+    """(B, L) ids, mask, keep -> (B, D) CLS embeddings (float32): `packed_text_tokens`."""
+    return self.packed_text_tokens(ids, mask, keep, rows, groups=groups, slots=slots)[:, 0].astype(jnp.float32)
 
   def embed_images(self, images, keep=None, train: bool = False, rows=None):
     """(B, H, W, 3) normalized float -> (B, D) CLS embedding (float32). rows: see `batch_rows`."""

@@ -17,8 +17,8 @@ are kept as they come), in this order:
   loop       the training loop of configs/cuhk.py in bfloat16 (ivt_jax.bench.loop): the step alone, that
              pipeline alone and the two together as ivt_jax.training.loop runs them, in steps/s;
   lesswork   the step with less work, bfloat16, stride 12 (ivt_jax.bench.variants): BMM masked (the reference's
-             drop count, and fixed drops), by token removal, and removal with the chunked contrastive gradient
-             (chunks of a quarter of it), each at the reference batch: step time, pairs/s, compiled memory;
+             drop count, and fixed drops), by token removal, removal with the chunked contrastive gradient
+             (chunks of a quarter of it) and removal with packed texts, each at the reference batch: step time, pairs/s, compiled memory;
              then for removal without and with chunks the largest batch whose compiled step fits the device
              (compiled memory fitted over three batches, ivt_jax.planner.memory_fit, read at 90% of the
              device's memory; chunks of one reference batch) and the step time at it (at most 2,048 samples, so that the step stays seconds
@@ -415,7 +415,7 @@ def report(figures: dict[str, Any], meta: dict[str, Any]) -> str:
     lines.append(f'| training loop | {g("loop/problem", "not run")} |')
   lines += ['', f'| less work, bfloat16, stride 12, {b} x 3 pairs | GFLOP per step | step (ms) | pairs/s | compiled memory (GiB) |',
             '|---|---|---|---|---|']
-  for name in ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked'):
+  for name in ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked', 'packed'):
     n = f'lesswork/{name}'
     if g(f'{n}/step_s_median') is None:
       lines.append(f'| {name} | {(g("lesswork/problem") or "not run")[:120]} | | | |')

@@ -77,25 +77,43 @@ def _resolve_data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_c
 class _StepsByLength:
   """The training step compiled for each padded text length the pipeline gives (data.text_buckets; one without
   buckets). Every length is traced here and compiled by XLA in one background thread, shortest first, while this
-  thread goes on (initializing or restoring the state); a step waits only for its own length's program."""
+  thread goes on (initializing or restoring the state); a step waits only for its own length's program.
+
+  With data.text_packing a program is also per slot count (the batch's prefetch.TEXT_SLOTS): each is compiled
+  the first time a batch needs it (at most packing.GRANULES per length; sums of many captions' lengths vary
+  little, so a run meets a few)."""
 
   def __init__(self, make_step, abstract_state, config, global_batch: int, mesh):
-    lengths = shapes.text_buckets(config, jax.process_count())
-    levels = shapes.level_text_lengths(config)
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
+    self._lengths = shapes.text_buckets(config, jax.process_count())
+    self._levels = shapes.level_text_lengths(config)
+    self._make_step, self._abstract_state = make_step, abstract_state
+    self._config, self._global_batch, self._mesh = config, global_batch, mesh
     self._compiled = {}
-    for length in lengths:
-      lowered = make_step(shapes.bucket_text_lengths(levels, length)).lower(
-          abstract_state, step_setup.abstract_batch(config, global_batch, mesh, length))
-      self._compiled[length] = pool.submit(lowered.compile)
+    if config.data.get('text_packing', False):
+      return
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
+    for length in self._lengths:
+      self._compiled[length, None] = pool.submit(self._lower(length, None).compile)
     pool.shutdown(wait=False)
 
+  def _lower(self, length, slots):
+    packed = None if slots is None else (self._mesh.size, slots)
+    return self._make_step(shapes.bucket_text_lengths(self._levels, length), packed).lower(
+        self._abstract_state, step_setup.abstract_batch(self._config, self._global_batch, self._mesh, length))
+
   def __call__(self, state, batch):
+    slots = batch.pop(prefetch.TEXT_SLOTS, None)
     length = batch['text_ids'].shape[-1]
-    if length not in self._compiled:
+    if length not in self._lengths:
       raise ValueError(f'a training batch padded to {length} text positions: not one of data.text_buckets + '
-                       f'data.text_length {sorted(self._compiled)}')
-    return self._compiled[length].result()(state, batch)
+                       f'data.text_length {sorted(self._lengths)}')
+    if (length, slots) not in self._compiled:
+      logging.info('compiling the training step for texts of %d positions packed in %d slots per device',
+                   length, slots)
+      done = concurrent.futures.Future()
+      done.set_result(self._lower(length, slots).compile())
+      self._compiled[length, slots] = done
+    return self._compiled[length, slots].result()(state, batch)
 
 
 def _init_params(config, module, shardings, rng):
@@ -167,8 +185,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   class_table = evaluate_lib.class_table(config, prepared)
   gathered = step_setup.gather_shardings(config, shardings, mesh)
   chunk = step_setup.contrastive_chunk(config, global_batch)
-  make_step = lambda text_lengths: step_setup.jit_train_step(encoder, tx, schedule, steps_per_epoch, text_lengths,
-                                                            state_shardings, mesh, class_table, gathered, chunk)
+  step_setup.check_text_packing(config, chunk)
+  make_step = lambda text_lengths, packed: step_setup.jit_train_step(
+      encoder, tx, schedule, steps_per_epoch, text_lengths, state_shardings, mesh, class_table, gathered, chunk,
+      packed)
   # XLA compiles the step in a thread while this one initializes or restores the state.
   train_step = _StepsByLength(make_step, target, config, global_batch, mesh)
   restored = checkpoints.restore_training(manager, target, data_iter)
@@ -207,6 +227,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       raise NonFiniteError(f'non-finite loss or gradient at step {m_step} (loss={m["loss"]}, '
                            f'grad_norm={m["grad_norm"]}); training stopped, the last good checkpoint is kept '
                            f'(latest saved step: {manager.latest_step()})')
+    if m.get('text_fits', 1.0) < 1:  # the loop gives every batch the slots it needs: our bug if not
+      raise RuntimeError(f'step {m_step}: the packed texts needed more slots than the step was compiled for')
     if m.get('bmm_fits', 1.0) < 1:
       raise ValueError(f'step {m_step}: a BMM keep mask keeps more image tokens than the removal path holds '
                        f'(data.bmm_drops=fixed promises exactly floor(data.bmm_ratio x tokens) drops per row); the '

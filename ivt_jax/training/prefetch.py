@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from ivt_jax.runtime import sharding as sharding_lib
+from ivt_jax.training import setup as step_setup
 
 _POLL_S = 0.1
 
@@ -165,14 +166,37 @@ class InSeries(_Wrapper):
     return f'InSeries({self._it})'
 
 
+TEXT_SLOTS = 'text_slots'
+
+
+def _placement(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable[[Any], Any]:
+  """batch -> global arrays; with data.text_packing, plus TEXT_SLOTS: the packed texts' slots per device this
+  batch needs (`step_setup.text_packing`; with several processes, every position: no process knows the
+  others' texts, and all must run one program)."""
+  place = lambda batch: sharding_lib.global_batch(batch, mesh)
+  if not config.data.get('text_packing', False):
+    return place
+  def place_packed(batch):
+    if jax.process_count() > 1:
+      samples, levels, length = batch['text_ids'].shape
+      slots = samples * jax.process_count() // mesh.size * levels * length
+    else:
+      slots = step_setup.text_packing(config, mesh, batch)[1]
+    out = place(batch)
+    out[TEXT_SLOTS] = slots
+    return out
+  return place_packed
+
+
 def training_feed(config: ml_collections.ConfigDict, data_iter, mesh: jax.sharding.Mesh) -> grain.DatasetIterator:
   """The training batches as global arrays on the mesh: read and placed `data.prefetch` batches ahead of the
   step in a background thread (`DevicePrefetcher`), or in series with it when data.prefetch is 0 (`InSeries`).
-  Either way a checkpointable iterator whose state counts only the batches the loop has taken."""
+  Either way a checkpointable iterator whose state counts only the batches the loop has taken. With
+  data.text_packing each batch also carries TEXT_SLOTS (an int, `_placement`) for the loop to pick its program."""
   n = int(config.data.get('prefetch', 2))
   if n < 0:
     raise ValueError(f'data.prefetch must be >= 0 (batches read ahead; 0 = in series), got {n}')
-  place = lambda batch: sharding_lib.global_batch(batch, mesh)
+  place = _placement(config, mesh)
   if n == 0:
     return InSeries(data_iter, place)
   return DevicePrefetcher(data_iter, place, size=n)

@@ -14,6 +14,7 @@ import numpy as np
 from input_pipeline import shapes
 from ivt_jax.models import heads
 from ivt_jax.models import encoder as model_lib
+from ivt_jax.models import packing as packing_lib
 from ivt_jax.training import optim
 from ivt_jax.runtime import sharding as sharding_lib
 from ivt_jax.training import chunked
@@ -78,18 +79,50 @@ def local_rows(batch: dict) -> dict:
   return {k: v[start:start + per] for k, v in batch.items()}
 
 
+def text_packing(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch: dict = None,
+                 *, global_batch: int = 0, text_length: int = 0) -> Optional[tuple[int, int]]:
+  """(groups, slots) of the packed texts for a step (static arguments of `step.train_step`), or None without
+  data.text_packing. groups: one per device (the batch axis is split over every device). slots: what `batch`
+  (a global numpy batch) needs (`packing.slots_for`), or with no batch every position of the group's texts
+  (`global_batch` samples at `text_length`: the worst case, which holds any batch)."""
+  if not config.data.get('text_packing', False):
+    return None
+  groups = mesh.size
+  if batch is None:
+    levels = len(shapes.mla_levels(config))
+    return groups, (global_batch // groups) * levels * (text_length or config.data.text_length)
+  valid = packing_lib.batch_valid(np.asarray(batch['text_mask']), np.asarray(batch['text_keep']),
+                                  shapes.bucket_text_lengths(shapes.level_text_lengths(config),
+                                                             batch['text_ids'].shape[-1]), np)
+  return groups, packing_lib.slots_for(valid, groups)
+
+
+def check_text_packing(config: ml_collections.ConfigDict, contrastive_chunk: int) -> None:
+  """A clear error for data.text_packing with what it does not serve."""
+  if not config.data.get('text_packing', False):
+    return
+  if config.model.get('head', 'ivt') != 'ivt':
+    raise ValueError(f'data.text_packing packs the IVT encoder\'s texts: not with model.head='
+                     f'{config.model.head!r}')
+  if contrastive_chunk:
+    raise ValueError('data.text_packing is not available with train.contrastive_chunk (each chunk would need '
+                     'its own slots): set one of them off')
+
+
 def jit_train_step(encoder, tx, schedule, steps_per_epoch: int, text_lengths: Sequence[int], state_shardings,
-                   mesh: jax.sharding.Mesh, class_table=None, gathered_params=None, contrastive_chunk: int = 0):
+                   mesh: jax.sharding.Mesh, class_table=None, gathered_params=None, contrastive_chunk: int = 0,
+                   text_packing: Optional[tuple[int, int]] = None):
   """`step.train_step` jitted as training runs it: the batch split over the mesh, the state donated, the metrics
   replicated. text_lengths: the levels' positions in the batch's text length (static). class_table: the sorted
   training person ids (the CLIP head's ID classifier; a constant of the program). gathered_params: see
   `step.train_step` (`gather_shardings` of a config with mesh.gather_params). contrastive_chunk: see
-  `step.train_step` (train.contrastive_chunk)."""
+  `step.train_step` (train.contrastive_chunk). text_packing: (groups, slots) or None (`text_packing`)."""
   return jax.jit(
       functools.partial(step_lib.train_step, encoder=encoder, tx=tx, schedule=schedule,
                         steps_per_epoch=steps_per_epoch, text_lengths=tuple(text_lengths),
                         class_table=None if class_table is None else np.asarray(class_table, np.int32),
-                        gathered_params=gathered_params, contrastive_chunk=int(contrastive_chunk)),
+                        gathered_params=gathered_params, contrastive_chunk=int(contrastive_chunk),
+                        text_packing=None if text_packing is None else tuple(int(x) for x in text_packing)),
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
 
@@ -113,7 +146,9 @@ class TrainSetup:
   """The jitted training step, its shardings and abstract inputs for a config and mesh (nothing allocated)."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch: int,
-               steps_per_epoch: int = 1000):
+               steps_per_epoch: int = 1000, text_slots: int = 0):
+    """text_slots: with data.text_packing, the slots per device the step is compiled for (0: every position,
+    which holds any batch)."""
     if batch % mesh.size or batch % jax.process_count():
       raise ValueError(f'--batch {batch} must be a multiple of the {mesh.size} devices of the mesh '
                        f'{dict(mesh.shape)} and of the {jax.process_count()} processes')
@@ -129,11 +164,15 @@ class TrainSetup:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_shardings)
     self.num_params = model_lib.count_params(abstract)
     self.abstract_batch = abstract_batch(config, batch, mesh)
+    check_text_packing(config, contrastive_chunk(config, batch))
+    self.text_packing = text_packing(config, mesh, global_batch=batch)
+    if self.text_packing is not None and text_slots:
+      self.text_packing = (self.text_packing[0], int(text_slots))
     classes = config.model.clip.num_classes if config.model.head == 'clip' and config.model.clip.id_weight else 0
     self.step = jit_train_step(self.encoder, self.tx, schedule, steps_per_epoch, shapes.level_text_lengths(config),
                                self.state_shardings, mesh, np.arange(classes) if classes else None,
                                gather_shardings(config, self.param_shardings, mesh),
-                               contrastive_chunk(config, batch))
+                               contrastive_chunk(config, batch), self.text_packing)
 
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch).compile()
@@ -148,18 +187,19 @@ class TrainSetup:
 _COMPILED = {}
 
 
-def _key(config: ml_collections.ConfigDict, batch: int):
+def _key(config: ml_collections.ConfigDict, batch: int, text_slots: int = 0):
   mesh = sharding_lib.make_mesh(config)
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.mesh.data, resolved.mesh.fsdp = mesh.shape['data'], mesh.shape['fsdp']
-  return mesh, (resolved.to_json(), batch)
+  return mesh, (resolved.to_json(), batch, text_slots)
 
 
-def compile_train_step(config: ml_collections.ConfigDict, batch: int):
-  """-> (TrainSetup, compiled step, compile seconds) for a config and batch; compiled once per process."""
-  mesh, key = _key(config, batch)
+def compile_train_step(config: ml_collections.ConfigDict, batch: int, text_slots: int = 0):
+  """-> (TrainSetup, compiled step, compile seconds) for a config and batch; compiled once per process.
+  text_slots: see `TrainSetup`."""
+  mesh, key = _key(config, batch, text_slots)
   if key not in _COMPILED:
-    setup = TrainSetup(config, mesh, batch)
+    setup = TrainSetup(config, mesh, batch, text_slots=text_slots)
     t0 = time.perf_counter()
     compiled = setup.compile()
     _COMPILED[key] = (setup, compiled, time.perf_counter() - t0)

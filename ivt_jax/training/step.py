@@ -16,6 +16,7 @@ from ivt_jax.objectives import clip as clip_losses
 from ivt_jax.models import clip as clip_model
 from ivt_jax.objectives import cmpm as losses
 from ivt_jax.models import encoder as model_lib
+from ivt_jax.models import packing
 from ivt_jax.objectives import part as part_losses
 from ivt_jax.models import part as part_model
 from ivt_jax.training import chunked
@@ -50,9 +51,14 @@ def pair_rows(rows: Optional[jax.Array], samples: int, levels: int) -> jax.Array
 
 
 def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
-                text_lengths: Optional[Sequence[int]] = None, rows: Optional[jax.Array] = None):
+                text_lengths: Optional[Sequence[int]] = None, rows: Optional[jax.Array] = None,
+                text_packing: Optional[tuple[int, int]] = None):
   """encoder.apply(method) on the V B texts of the MLA batch, in `flatten_levels` order. rows: (B,) the
   samples' indices in the whole batch (None: 0..B-1), keying the models' randomness per pair.
+
+  text_packing: (groups, slots), static: the IVT encoder's embeddings of texts packed (`packing`; method
+  'embed_texts' only): every level in one forward, each level cut to its length, (groups, slots) as
+  `ivt_jax.models.packing.slots_for` chose them.
 
   text_lengths: positions per level (input_pipeline.shapes.level_text_lengths); a level shorter than the batch's
   L runs as its own forward on its first positions (the rest is padding, masked either way), so the
@@ -60,6 +66,14 @@ def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
   """
   samples, levels, length = batch['text_ids'].shape
   sample_rows = jnp.arange(samples, dtype=jnp.int32) if rows is None else rows
+  if text_packing is not None:
+    if method != 'embed_texts':
+      raise ValueError(f'text packing embeds texts with embed_texts, not {method}')
+    groups, slots = text_packing
+    valid = packing.batch_valid(batch['text_mask'], batch['text_keep'], text_lengths)
+    return encoder.apply({'params': params}, batch['text_ids'].reshape(valid.shape), valid,
+                         jnp.ones_like(valid), pair_rows(sample_rows, samples, levels), groups=groups,
+                         slots=slots, method='embed_texts_packed', rngs={'dropout': rng})
   run = lambda ids, mask, keep, r, idx: encoder.apply({'params': params}, ids, mask, keep, True, rows=idx,
                                                       method=method, rngs={'dropout': r})
   if text_lengths is None or all(int(n) == length for n in text_lengths):
@@ -75,23 +89,23 @@ def apply_texts(params, batch: dict, rng: jax.Array, encoder, method: str,
 
 
 def pair_embeddings(params, batch: dict, rng: jax.Array, encoder, text_lengths: Optional[Sequence[int]] = None,
-                    rows: Optional[jax.Array] = None):
+                    rows: Optional[jax.Array] = None, text_packing: Optional[tuple[int, int]] = None):
   """-> (image embeddings (V B, D), text embeddings (V B, D), the flattened pairs) of the MLA batch at training
-  time, with its BMM keep masks. rows: see `apply_texts`."""
+  time, with its BMM keep masks. rows, text_packing: see `apply_texts`."""
   pairs = flatten_levels(batch)
   samples, levels = batch['text_ids'].shape[:2]
   rng_img, rng_txt = jax.random.split(rng)
   images = model_lib.normalize_images(pairs['images'])
   x = encoder.apply({'params': params}, images, pairs['image_keep'], True, rows=pair_rows(rows, samples, levels),
                     method='embed_images', rngs={'dropout': rng_img})
-  z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths, rows)
+  z = apply_texts(params, batch, rng_txt, encoder, 'embed_texts', text_lengths, rows, text_packing)
   return x, z, pairs
 
 
 def loss_fn(params, batch: dict, rng: jax.Array, encoder: model_lib.Encoder,
-            text_lengths: Optional[Sequence[int]] = None):
+            text_lengths: Optional[Sequence[int]] = None, text_packing: Optional[tuple[int, int]] = None):
   """CMPM over the V B (image view, text) pairs of the MLA batch, with the batch's BMM keep masks."""
-  x, z, pairs = pair_embeddings(params, batch, rng, encoder, text_lengths)
+  x, z, pairs = pair_embeddings(params, batch, rng, encoder, text_lengths, text_packing=text_packing)
   return losses.cmpm_loss(x, z, pairs['person_id'])
 
 
@@ -190,7 +204,7 @@ def chunked_value_and_grad(params, batch: dict, rng: jax.Array, encoder, chunk: 
 def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
                tx: optax.GradientTransformation, schedule: optax.Schedule, steps_per_epoch: int,
                text_lengths: Optional[Sequence[int]] = None, class_table=None, gathered_params=None,
-               contrastive_chunk: int = 0):
+               contrastive_chunk: int = 0, text_packing: Optional[tuple[int, int]] = None):
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged (the step
   still counts) and sets metrics['finite'] = 0 for the loop to stop on. The part head adds its loss terms to
   the metrics (loss_global, loss_match, loss_cmr, commonality_mean, margin_mean, part_on), the CLIP head its
@@ -202,7 +216,11 @@ def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
 
   With BMM tokens removed (`encoder.image_keep_length` below the image tokens), a batch whose keep masks keep
   more image tokens than that would lose some: such a step is skipped like a non-finite one, with
-  metrics['bmm_fits'] = 0 for the loop to stop on."""
+  metrics['bmm_fits'] = 0 for the loop to stop on.
+
+  text_packing: (groups, slots), static, or None: the IVT encoder's texts packed (`apply_texts`; not with the
+  part or CLIP heads or chunks). A batch with more text tokens in a group than `slots` (the caller chose them
+  for another batch) is skipped the same way, with metrics['text_fits'] = 0."""
   rng = jax.random.fold_in(state.rng, state.step)
   aux = {}
   fits = jnp.asarray(True)
@@ -212,6 +230,15 @@ def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
     aux['bmm_fits'] = fits.astype(jnp.float32)
   samples = batch['person_id'].shape[0]
   chunk = int(contrastive_chunk)
+  if text_packing is not None:
+    if chunked.check_chunk(samples, chunk) > 1 or type(encoder) is not model_lib.Encoder:  # pylint: disable=unidiomatic-typecheck
+      raise ValueError('data.text_packing packs the IVT encoder\'s texts (model.head=ivt) without '
+                       'train.contrastive_chunk')
+    groups, slots = text_packing
+    valid = packing.batch_valid(batch['text_mask'], batch['text_keep'], text_lengths)
+    text_fits = jnp.all(packing.group_tokens(valid, groups) <= slots)
+    aux['text_fits'] = text_fits.astype(jnp.float32)
+    fits = fits & text_fits
 
   def gathered(fn):
     if gathered_params is None:
@@ -232,7 +259,8 @@ def train_step(state: TrainState, batch: dict, *, encoder: model_lib.Encoder,
         state.params, batch, rng, encoder, text_lengths, class_table)
     aux.update(head_aux)
   else:
-    loss, grads = jax.value_and_grad(gathered(loss_fn))(state.params, batch, rng, encoder, text_lengths)
+    loss, grads = jax.value_and_grad(gathered(loss_fn))(state.params, batch, rng, encoder, text_lengths,
+                                                        text_packing)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   apply = finite & fits
