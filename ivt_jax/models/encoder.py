@@ -504,7 +504,7 @@ class Encoder(nn.Module):
     key_bias = jnp.where(valid, 0.0, MASK_VALUE).astype(jnp.float32)
     last = len(self.blocks) - 1
     for i, blk in enumerate(self.blocks):
-      x = blk(x, key_bias, modality, not train, cls_only and i == last, rows)
+      x = blk(x, key_bias, modality, not train, cls_only and i == last, rows, None, 0)  # all positional: remat
     return self.norm(x)
 
   def image_tokens(self, images, keep=None, train: bool = False, cls_only: bool = False, rows=None):
@@ -552,7 +552,7 @@ class Encoder(nn.Module):
       x = blk(x, None, 'text', False, False, text_rows.reshape(groups, t), packing, n)
     x, own = packing_lib.text_windows(x, packing, n)
     key_bias = jnp.where(own, 0.0, MASK_VALUE).astype(jnp.float32)
-    x = self.blocks[-1](x, key_bias, 'text', False, True, text_rows)
+    x = self.blocks[-1](x, key_bias, 'text', False, True, text_rows, None, 0)
     return self.norm(x)
 
   def embed_texts_packed(self, ids, mask, keep=None, rows=None, *, groups: int, slots: int):
