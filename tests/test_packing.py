@@ -12,22 +12,13 @@ from ivt_jax.models import packing
 from ivt_jax.runtime import sharding as sharding_lib
 from ivt_jax.training import setup as setup_lib
 from ivt_jax.training import step as step_lib
-from tests.conftest import tiny_config
 from tests.test_chunked import _assert_close
+from tests.test_chunked import _config as _chunked_config
 
 
 def _config(**kw):
-  c = tiny_config(width=32, mlp_dim=64, depth=3, drop_path=0.3, text_embed_dropout=0.2)
-  c.data.bmm_ratio = 0.3
-  c.data.bmm_drops = 'fixed'
-  c.data.ids_per_batch, c.data.images_per_id = 4, 2
-  c.data.text_packing = True
-  for k, v in kw.items():
-    node, key = c, k.split('.')
-    for part in key[:-1]:
-      node = node[part]
-    node[key[-1]] = v
-  return c
+  """test_chunked's config (dropout, stochastic depth and fixed BMM drops on), 3 blocks, texts packed."""
+  return _chunked_config(**{'model.depth': 3, 'data.text_packing': True, **kw})
 
 
 def _batch(c, batch=8, seed=1):

@@ -76,6 +76,17 @@ def _assert_trees(a, b, atol=0.0):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
+def _run_whole_and_interrupted(c, tmp_path, steps: int) -> None:
+  """Trains `steps` steps into tmp_path/full, and into tmp_path/half first half of them, then the rest resumed."""
+  from ivt_jax.training import loop as train
+  c.total_steps = steps
+  train.train_and_evaluate(c, str(tmp_path / 'full'))
+  c.total_steps = steps // 2
+  train.train_and_evaluate(c, str(tmp_path / 'half'))
+  c.total_steps = steps
+  train.train_and_evaluate(c, str(tmp_path / 'half'))
+
+
 @pytest.mark.slow
 def test_end_to_end_and_exact_resume(data_root, tmp_path):
   from ivt_jax.training import loop as train
@@ -164,12 +175,7 @@ def test_chunked_run_resumes_exactly_and_trains_as_the_whole_batch(data_root, tm
   c = tiny_demo(data_root)
   c.data.bmm_drops = 'fixed'
   c.train.contrastive_chunk = 4
-  c.total_steps = 4
-  train.train_and_evaluate(c, str(tmp_path / 'full'))
-  c.total_steps = 2
-  train.train_and_evaluate(c, str(tmp_path / 'half'))
-  c.total_steps = 4
-  train.train_and_evaluate(c, str(tmp_path / 'half'))
+  _run_whole_and_interrupted(c, tmp_path, 4)
   c.train.contrastive_chunk = 0
   train.train_and_evaluate(c, str(tmp_path / 'whole'))
   _, full = _final_params(str(tmp_path / 'full'))
@@ -249,12 +255,7 @@ def test_packed_texts_train_as_unpacked_and_resume_exactly(data_root, tmp_path):
   c.model.depth = 2  # a packed block before the [CLS]-only last one
   c.data.text_buckets = (16, 24)
   c.data.text_packing = True
-  c.total_steps = 4
-  train.train_and_evaluate(c, str(tmp_path / 'full'))
-  c.total_steps = 2
-  train.train_and_evaluate(c, str(tmp_path / 'half'))
-  c.total_steps = 4
-  train.train_and_evaluate(c, str(tmp_path / 'half'))
+  _run_whole_and_interrupted(c, tmp_path, 4)
   _assert_trees(_final_params(str(tmp_path / 'full'))[1], _final_params(str(tmp_path / 'half'))[1])
   c.model.drop_path = 0.0
   c.model.text_embed_dropout = 0.0

@@ -149,8 +149,8 @@ def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, w
                     cpu_peak: Optional[float] = None, log=print) -> dict[str, Any]:
   """Compiles, runs and times the training step; -> the figures (see the module docstring)."""
   host_batch = step_setup.random_batch(config, batch, seed=config.seed)
-  packed = step_setup.text_packing(config, sharding_lib.make_mesh(config), host_batch)
-  setup, compiled, compile_s = step_setup.compile_train_step(config, batch, packed[1] if packed else 0)
+  slots = step_setup.text_slots(config, host_batch)
+  setup, compiled, compile_s = step_setup.compile_train_step(config, batch, slots)
   mesh = setup.mesh
   dev = jax.devices()[0]
   levels = len(shapes.mla_levels(config))
@@ -161,9 +161,9 @@ def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, w
   flops_device = compiled_flops(compiled)
   memory = compiled_memory(compiled)
   state = setup.init_state()
-  if packed:
+  if slots:
     per_device = batch // mesh.size * levels * host_batch['text_ids'].shape[-1]
-    log(f'texts packed: {packed[1]} slots per device for {per_device} text positions')
+    log(f'texts packed: {slots} slots per device for {per_device} text positions')
   data = sharding_lib.global_batch(step_setup.local_rows(host_batch), mesh)
   times, cpu_times, faults = [], [], []
   for i in range(warmup + steps):
@@ -179,7 +179,7 @@ def benchmark_train(config: ml_collections.ConfigDict, batch: int, steps: int, w
     raise FloatingPointError(f'the benchmarked step gave a non-finite loss ({metrics["loss"]})')
   step_s = sum(times) / len(times)
   out = {'train/batch_samples': batch, 'train/pairs_per_step': levels * batch,
-         'train/text_slots_per_device': packed[1] if packed else 0,
+         'train/text_slots_per_device': slots,
          'train/compile_s': compile_s, 'train/step_s': step_s, 'train/step_s_median': statistics.median(times),
          'train/pairs_per_s': levels * batch / step_s, 'train/samples_per_s': batch / step_s,
          'train/flops_analytic': analytic_train_flops(config, batch),

@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from ivt_jax.bench import step as step_bench
-from ivt_jax.runtime import sharding as sharding_lib
 from ivt_jax.training import setup as step_setup
 
 VARIANTS = ('uniform_mask', 'fixed_mask', 'fixed_remove', 'chunked', 'packed')
@@ -51,9 +50,8 @@ def compare(config: ml_collections.ConfigDict, batch: int, names: Sequence[str],
     if steps > 0:
       figures = step_bench.benchmark_train(c, batch, steps, warmup, log=lambda *_: None)
     else:
-      packed = step_setup.text_packing(c, sharding_lib.make_mesh(c),
-                                       step_setup.random_batch(c, batch, seed=c.seed))
-      setup, compiled, compile_s = step_setup.compile_train_step(c, batch, packed[1] if packed else 0)
+      slots = step_setup.text_slots(c, step_setup.random_batch(c, batch, seed=c.seed))
+      setup, compiled, compile_s = step_setup.compile_train_step(c, batch, slots)
       figures = {'train/compile_s': compile_s}
       flops = step_bench.compiled_flops(compiled)
       if flops is not None:

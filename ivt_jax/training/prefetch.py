@@ -178,8 +178,9 @@ def _placement(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ca
     return place
   def place_packed(batch):
     if jax.process_count() > 1:
-      samples, levels, length = batch['text_ids'].shape
-      slots = samples * jax.process_count() // mesh.size * levels * length
+      samples, _, length = batch['text_ids'].shape
+      slots = step_setup.text_packing(config, mesh, global_batch=samples * jax.process_count(),
+                                      text_length=length)[1]
     else:
       slots = step_setup.text_packing(config, mesh, batch)[1]
     out = place(batch)

@@ -97,6 +97,13 @@ def text_packing(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, bat
   return groups, packing_lib.slots_for(valid, groups)
 
 
+def text_slots(config: ml_collections.ConfigDict, batch: dict) -> int:
+  """The slots per device a global numpy `batch` needs with data.text_packing (`text_packing`), 0 without: the
+  `text_slots` argument of `TrainSetup` and `compile_train_step`."""
+  packed = text_packing(config, sharding_lib.make_mesh(config), batch)
+  return packed[1] if packed else 0
+
+
 def check_text_packing(config: ml_collections.ConfigDict, contrastive_chunk: int) -> None:
   """A clear error for data.text_packing with what it does not serve."""
   if not config.data.get('text_packing', False):
